@@ -1,0 +1,91 @@
+"""The cache format: member names, dtypes and version, shared by the writer and every reader.
+
+Readers import this module, never the writer (mosaicml/streaming style), so that the format is the
+single contract between `precompute` and the trainers. docs/cache-format.md documents the same
+names for readers that use no project code.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from typing import Any
+
+import numpy as np
+
+FORMAT = "kandinsky22-embedding-cache"
+VERSION = 1
+MANIFEST_NAME = "manifest.json"
+
+# Member names (the part after the sample key in the tar, e.g. "000042.image_embeds.npy").
+CAPTIONS = "captions.json"  # list of the C caption strings
+TEXT_EMBEDS = "text_embeds.npy"  # [C, E] CLIP text projection (pooled), one row per caption
+TEXT_HIDDEN = "text_hidden.npy"  # [sum(L_i), H] last_hidden_state, padding trimmed, captions concatenated
+TEXT_LENGTHS = "text_lengths.npy"  # [C] int32: L_i = number of real tokens (attention-mask sum)
+IMAGE_EMBEDS = "image_embeds.npy"  # [E] CLIP vision image_embeds, raw (not clip_mean/clip_std-normalised)
+LATENTS = "latents.npy"  # [4, r/8, r/8] movq.encode(x).latents, unquantised, no scaling factor
+META = "json"  # {"key": source key, "source": ..., "width": ..., "height": ...}
+
+PRIOR_MEMBERS = (CAPTIONS, TEXT_EMBEDS, TEXT_HIDDEN, TEXT_LENGTHS, IMAGE_EMBEDS)
+DECODER_MEMBERS = (IMAGE_EMBEDS, LATENTS)
+ARRAY_MEMBERS = (TEXT_EMBEDS, TEXT_HIDDEN, TEXT_LENGTHS, IMAGE_EMBEDS, LATENTS)
+LENGTH_DTYPE = np.int32
+FLOAT_DTYPES = {"fp16": np.float16, "fp32": np.float32}
+
+# What each `--encode` choice writes.
+ENCODE_MEMBERS = {
+    "prior": (CAPTIONS, TEXT_EMBEDS, TEXT_HIDDEN, TEXT_LENGTHS, IMAGE_EMBEDS, META),
+    "decoder": (CAPTIONS, IMAGE_EMBEDS, LATENTS, META),
+    "all": (CAPTIONS, TEXT_EMBEDS, TEXT_HIDDEN, TEXT_LENGTHS, IMAGE_EMBEDS, LATENTS, META),
+}
+
+TRAIN_SPLIT = "train"
+VALIDATION_SPLIT = "validation"
+
+
+class FormatError(ValueError):
+    """A shard or manifest that does not follow this format."""
+
+
+def encode_array(array: np.ndarray) -> bytes:
+    """`.npy` bytes of a numeric array; object arrays are refused (they would be pickled)."""
+    if array.dtype == object:
+        raise FormatError("object arrays cannot be stored (they would need pickle)")
+    buffer = io.BytesIO()
+    np.save(buffer, np.ascontiguousarray(array), allow_pickle=False)
+    return buffer.getvalue()
+
+
+def decode_array(data: bytes) -> np.ndarray:
+    """Read `.npy` bytes from an untrusted shard: never unpickles."""
+    return np.load(io.BytesIO(data), allow_pickle=False)
+
+
+def decode_member(name: str, data: bytes) -> Any:
+    """Decode one tar member by its name; unknown members are returned as raw bytes."""
+    if name.endswith(".npy"):
+        return decode_array(data)
+    if name == CAPTIONS or name == META or name.endswith(".json"):
+        return json.loads(data.decode("utf-8"))
+    return data
+
+
+def split_hidden(text_hidden: np.ndarray, text_lengths: np.ndarray) -> list[np.ndarray]:
+    """Cut the concatenated `text_hidden` [sum L, H] back into one [L_i, H] array per caption."""
+    if int(text_lengths.sum()) != text_hidden.shape[0]:
+        raise FormatError(
+            f"text_hidden has {text_hidden.shape[0]} rows but text_lengths sum to {int(text_lengths.sum())}"
+        )
+    offsets = np.concatenate([[0], np.cumsum(text_lengths)])
+    return [text_hidden[offsets[i] : offsets[i + 1]] for i in range(len(text_lengths))]
+
+
+def check_manifest(manifest: dict) -> None:
+    """Refuse a manifest of another format or a newer version with one clear message."""
+    if manifest.get("format") != FORMAT:
+        raise FormatError(f"not a {FORMAT} manifest (format={manifest.get('format')!r})")
+    if manifest.get("version") != VERSION:
+        raise FormatError(
+            f"cache format version {manifest.get('version')!r} is not supported by this reader (expects {VERSION}); "
+            "re-run precompute with this version of the code"
+        )

@@ -1,0 +1,192 @@
+"""`python -m precompute`: encode a dataset once into WebDataset shards plus a manifest.
+
+Reads top to bottom: check everything that can fail cheaply, plan deterministic units, encode the
+units this rank owns (skipping those already published), then rank 0 writes the manifest.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
+
+from . import encode as enc  # noqa: E402
+from . import format as fmt  # noqa: E402
+from .config import PrecomputeConfig, parse_args  # noqa: E402
+from .manifest import build_manifest, check_or_record_run, encoder_identities, load_progress  # noqa: E402
+from .units import UnitStream, assign, collate_identity, plan_units  # noqa: E402
+from .writer import CacheWriter, progress_name  # noqa: E402
+
+
+class UsageError(Exception):
+    """A problem found before any work: printed as one line, exit code 2."""
+
+
+def open_input(config: PrecomputeConfig):
+    """Return (map-style dataset or None, tar URLs or None) for the one input the user gave."""
+    from .inputs import expand_urls, open_hf_dataset, open_imagefolder
+
+    if config.input_shards:
+        urls = expand_urls(config.input_shards.split())
+        if not urls:
+            raise UsageError(f"--input_shards {config.input_shards!r} matches no file")
+        return None, urls
+    if config.train_data_dir:
+        if not os.path.isdir(config.train_data_dir):
+            raise UsageError(f"--train_data_dir {config.train_data_dir!r} is not a directory")
+        return open_imagefolder(config.train_data_dir, config.image_column, config.caption_column), None
+    return open_hf_dataset(config.dataset_name, config.dataset_config_name, config.split, config.image_column,
+                           config.caption_column, cache_dir=config.cache_dir), None
+
+
+def load_models(config: PrecomputeConfig, device: torch.device) -> enc.Encoders:
+    try:
+        return enc.load_encoders(config.pretrained_prior_model_name_or_path,
+                                 config.pretrained_decoder_model_name_or_path, config.encode, device,
+                                 enc.DTYPES[config.mixed_precision])
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UsageError(f"cannot load the encoders: {first}") from exc
+
+
+def make_record(key: str, captions: list[str], meta: dict, arrays: dict[str, np.ndarray], store) -> dict:
+    """One shard record: member name -> bytes. Raises OverflowError if a value overflows the store dtype."""
+    record: dict = {"__key__": key, fmt.CAPTIONS: json.dumps(captions).encode(), fmt.META: json.dumps(meta).encode()}
+    for name, array in arrays.items():
+        if name == fmt.TEXT_LENGTHS:
+            record[name] = fmt.encode_array(array.astype(fmt.LENGTH_DTYPE))
+            continue
+        stored = array.astype(store)
+        if not np.isfinite(stored).all():
+            peak = float(np.abs(array).max())
+            raise OverflowError(f"{name} overflows {np.dtype(store).name} (max |x| = {peak:.4g})")
+        record[name] = fmt.encode_array(stored)
+    return record
+
+
+def encode_batch(batch: dict, models: enc.Encoders, config: PrecomputeConfig) -> list[dict[str, np.ndarray]]:
+    """Run the encoders on one batch; return per-sample arrays (float32, CPU)."""
+    samples = batch["samples"]
+    per_sample: list[dict[str, np.ndarray]] = [{} for _ in samples]
+    image_embeds = enc.encode_image_embeds(models.image_encoder, batch["clip_pixel_values"]).float().cpu()  # [B, E]
+    for out, row in zip(per_sample, image_embeds):
+        out[fmt.IMAGE_EMBEDS] = row.numpy()
+    if models.movq is not None:
+        latents = enc.encode_latents(models.movq, batch["pixel_values"]).float().cpu()  # [B, 4, r/8, r/8]
+        for out, lat in zip(per_sample, latents):
+            out[fmt.LATENTS] = lat.numpy()
+    if models.text_encoder is not None:
+        captions = [c for _, _, caps, _ in samples for c in caps]
+        input_ids, mask = enc.tokenize(models.tokenizer, captions)  # [N, 77], [N, 77]
+        text_embeds, hidden = enc.encode_text(models.text_encoder, input_ids)  # [N, E], [N, 77, H]
+        trimmed = enc.trim_hidden(hidden.float().cpu(), mask)
+        start = 0
+        for out, (_, _, caps, _) in zip(per_sample, samples):
+            stop = start + len(caps)
+            out[fmt.TEXT_EMBEDS] = text_embeds[start:stop].float().cpu().numpy()  # [C, E]
+            out[fmt.TEXT_HIDDEN] = torch.cat(trimmed[start:stop]).numpy()  # [sum L, H]
+            out[fmt.TEXT_LENGTHS] = mask[start:stop].sum(1).numpy()  # [C]
+            start = stop
+    return per_sample
+
+
+def padded_prior_bytes(arrays: dict[str, np.ndarray], itemsize: int, max_length: int) -> int:
+    """Bytes of the same prior record in the padded layout: 77-token hidden states plus a mask."""
+    captions, hidden_size = len(arrays[fmt.TEXT_LENGTHS]), arrays[fmt.TEXT_HIDDEN].shape[1]
+    embed = arrays[fmt.TEXT_EMBEDS].shape[1]
+    return captions * (max_length * hidden_size + embed) * itemsize + captions * max_length + embed * itemsize
+
+
+def run(config: PrecomputeConfig) -> int:
+    from accelerate import PartialState
+
+    state = PartialState()
+    device = torch.device(config.device) if config.device else state.device
+    if config.encode == "decoder" and config.validation_prompts:
+        raise UsageError("--validation_prompts needs the text encoder: use --encode prior or all")
+    dataset, urls = open_input(config)
+    models = load_models(config, device)
+    identities = encoder_identities(config, models)
+    check_or_record_run(config, identities, state)  # refuses another model/settings in the same dir
+
+    num_rows = None if dataset is None else min(len(dataset), config.max_samples or len(dataset))
+    units = plan_units(num_rows, urls, config.samples_per_shard, config.holdout_samples)
+    writer = CacheWriter(config.output_dir, config.samples_per_shard)
+    todo = [u for u in assign(units, state.process_index, state.num_processes)
+            if not writer.fs.exists(writer._path(progress_name(u.id)))]
+    resolution = config.resolution if models.movq is not None else None
+    stream = UnitStream(todo, dataset, config.caption_column, config.batch_size,
+                        lambda images: enc.clip_pixel_values(models.image_processor, images), resolution,
+                        config.min_image_size)
+    loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=min(config.num_workers, len(todo)),
+                                         collate_fn=collate_identity)
+    store = fmt.FLOAT_DTYPES[config.dtype]
+    total = sum(len(u.rows) for u in todo) if dataset is not None else None
+    bar = tqdm(total=total, unit="img", desc=f"precompute[{state.process_index}]", disable=not state.is_local_main_process)
+    positions: dict[int, int] = {}
+    pending: dict[int, tuple[list, dict]] = {}
+    started = time.perf_counter()
+    for batch in loader:
+        skipped, stats = pending.setdefault(batch["unit"], ([], {"prior_bytes": 0, "padded_prior_bytes": 0}))
+        skipped.extend(batch["skipped"])
+        if batch["samples"]:
+            for (key, split, captions, meta), arrays in zip(batch["samples"], encode_batch(batch, models, config)):
+                try:
+                    record = make_record(f"{batch['unit']:06d}_{positions.get(batch['unit'], 0):06d}", captions,
+                                         meta, arrays, store)
+                except OverflowError as exc:
+                    skipped.append({"key": key, "reason": str(exc)})
+                    continue
+                positions[batch["unit"]] = positions.get(batch["unit"], 0) + 1
+                if fmt.TEXT_HIDDEN in record:
+                    stats["prior_bytes"] += sum(len(record[m]) for m in fmt.PRIOR_MEMBERS)
+                    stats["padded_prior_bytes"] += padded_prior_bytes(arrays, np.dtype(store).itemsize, 77)
+                writer.put(batch["unit"], split, record)
+        bar.update(len(batch["samples"]) + len(batch["skipped"]))
+        if batch["last"]:
+            writer.end_unit(batch["unit"], *pending.pop(batch["unit"]))
+    writer.close()
+    bar.close()
+    elapsed = time.perf_counter() - started
+    state.wait_for_everyone()  # every rank's shards are closed and published before the merge
+    if state.is_main_process:
+        progress = load_progress(writer, units)
+        manifest = build_manifest(config, models, identities, progress)
+        summarize(manifest, sum(positions.values()), elapsed)
+    state.wait_for_everyone()
+    return 0
+
+
+def summarize(manifest: dict, encoded_here: int, elapsed: float) -> None:
+    """Print the skip report and one line of totals."""
+    totals = manifest["totals"]
+    rate = encoded_here / elapsed if elapsed > 0 else 0.0
+    for item in manifest["skipped"]:
+        print(f"skipped {item['key']}: {item['reason']}")
+    print(
+        f"precompute: {totals['samples']} images in {totals['shards']} shards "
+        f"({totals['train']['samples']} train, {totals['validation']['samples']} validation), "
+        f"{totals['skipped']} skipped, {totals['bytes']} bytes ({totals['bytes_per_sample']:.0f} bytes/sample), "
+        f"{encoded_here} encoded now at {rate:.1f} images/s -> {manifest['location']}"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the process exit code."""
+    try:
+        config = parse_args(argv)
+        return run(config)
+    except (UsageError, ValueError, FileNotFoundError) as exc:
+        print(f"precompute: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

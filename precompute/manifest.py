@@ -1,0 +1,223 @@
+"""The cache manifest: encoder identities, run fingerprint, and the merge of published units."""
+
+from __future__ import annotations
+
+import datetime
+import glob
+import hashlib
+import json
+import os
+import posixpath
+
+import numpy as np
+import torch
+
+from . import encode as enc
+from . import format as fmt
+from .config import PrecomputeConfig
+from .writer import PROGRESS_DIR, RUN_FILE, progress_name, write_json_atomic
+
+WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.json", "*.txt")
+
+
+def _folder(path: str, subfolder: str) -> str | None:
+    """Local folder of a model component: a local path, or the hub cache (never downloads)."""
+    if os.path.isdir(path):
+        return os.path.join(path, subfolder)
+    try:
+        from huggingface_hub import snapshot_download
+
+        return os.path.join(snapshot_download(path, allow_patterns=[f"{subfolder}/*"], local_files_only=True),
+                            subfolder)
+    except Exception:  # noqa: BLE001 - identity is best effort for remote models
+        return None
+
+
+def _sha256_files(folder: str | None) -> dict[str, str]:
+    if folder is None:
+        return {}
+    hashes = {}
+    for pattern in WEIGHT_PATTERNS:
+        for path in sorted(glob.glob(os.path.join(folder, pattern))):
+            digest = hashlib.sha256()
+            with open(path, "rb") as handle:
+                for block in iter(lambda: handle.read(1 << 20), b""):
+                    digest.update(block)
+            hashes[os.path.basename(path)] = digest.hexdigest()
+    return hashes
+
+
+def _config_dict(obj) -> dict:
+    config = getattr(obj, "config", None)
+    if config is None:
+        return obj.to_dict() if hasattr(obj, "to_dict") else {}
+    return config.to_dict() if hasattr(config, "to_dict") else {k: v for k, v in dict(config).items()}
+
+
+def encoder_identities(config: PrecomputeConfig, models: enc.Encoders) -> dict:
+    """Class, config and weight sha256 of every frozen component that was loaded."""
+    sources = {
+        "tokenizer": config.pretrained_prior_model_name_or_path,
+        "text_encoder": config.pretrained_prior_model_name_or_path,
+        "image_processor": config.pretrained_prior_model_name_or_path,
+        "image_encoder": config.pretrained_prior_model_name_or_path,
+        "movq": config.pretrained_decoder_model_name_or_path,
+    }
+    identities = {}
+    for name, path in sources.items():
+        obj = getattr(models, name)
+        if obj is None:
+            continue
+        config_dict = _config_dict(obj)
+        config_dict.pop("_name_or_path", None)
+        identities[name] = {
+            "path": path,
+            "subfolder": name,
+            "class": type(obj).__name__,
+            "config": json.loads(json.dumps(config_dict, default=str)),
+            "sha256": _sha256_files(_folder(path, name)),
+        }
+    return identities
+
+
+def run_fingerprint(config: PrecomputeConfig, identities: dict) -> dict:
+    """What decides shard contents; model paths are left out (the weights' sha256 identify them)."""
+    settings = {k: v for k, v in config.fingerprint().items() if not k.startswith("pretrained_")}
+    encoders = {name: {"class": i["class"], "config": i["config"], "sha256": i["sha256"]}
+                for name, i in identities.items()}
+    return {"format": fmt.FORMAT, "version": fmt.VERSION, "settings": settings, "encoders": encoders}
+
+
+def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
+    keys = sorted(set(old) | set(new))
+    out = []
+    for key in keys:
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out.extend(_differences(a, b, f"{prefix}{key}."))
+        elif a != b:
+            out.append(f"{prefix}{key}")
+    return out
+
+
+def check_or_record_run(config: PrecomputeConfig, identities: dict, state) -> None:
+    """Refuse to mix two different encodings in one directory; record the fingerprint of a new one."""
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(config.output_dir)
+    fingerprint = run_fingerprint(config, identities)
+    run_path = posixpath.join(root, RUN_FILE)
+    if state.is_main_process:
+        try:
+            fs.makedirs(posixpath.join(root, PROGRESS_DIR), exist_ok=True)
+        except OSError as exc:
+            raise ValueError(f"cannot create --output_dir {config.output_dir!r}: {exc}") from None
+        existing = json.loads(fs.cat_file(run_path)) if fs.exists(run_path) else None
+        foreign = existing is None and fs.exists(posixpath.join(root, fmt.MANIFEST_NAME))
+        differs = _differences(existing, fingerprint) if existing is not None else []
+        if (differs or foreign) and not config.overwrite:
+            what = ", ".join(differs[:6]) if differs else "a cache without run record"
+            raise ValueError(f"{config.output_dir} already holds a cache made with other settings ({what}); "
+                             "use another --output_dir or pass --overwrite to replace it")
+        if differs or foreign:
+            for path in fs.ls(root, detail=False):
+                fs.rm(path, recursive=True)
+            fs.makedirs(posixpath.join(root, PROGRESS_DIR), exist_ok=True)
+        if existing is None or differs or foreign:
+            write_json_atomic(fs, run_path, fingerprint)
+    state.wait_for_everyone()
+
+
+def load_progress(writer, units) -> list[dict]:
+    """Progress records of every planned unit; a missing one means a rank failed."""
+    records = []
+    for unit in units:
+        path = writer._path(progress_name(unit.id))
+        if not writer.fs.exists(path):
+            raise RuntimeError(f"unit {unit.id} was not published (did a process fail?); re-run to finish it")
+        records.append(json.loads(writer.fs.cat_file(path)))
+    return records
+
+
+def _rounded(tensor: torch.Tensor, store) -> list:
+    """Values as the trainer would read them from a shard (rounded to the storage dtype)."""
+    return tensor.float().cpu().numpy().astype(store).astype(np.float32).tolist()
+
+
+def _text_entry(models: enc.Encoders, caption: str, store) -> dict:
+    input_ids, mask = enc.tokenize(models.tokenizer, [caption])  # [1, 77]
+    text_embeds, hidden = enc.encode_text(models.text_encoder, input_ids)  # [1, E], [1, 77, H]
+    length = int(mask.sum())
+    return {"text_embeds": _rounded(text_embeds[0], store), "text_hidden": _rounded(hidden[0, :length], store),
+            "text_length": length}
+
+
+def build_manifest(config: PrecomputeConfig, models: enc.Encoders, identities: dict, progress: list[dict]) -> dict:
+    """Merge the published units into manifest.json (written atomically) and return it."""
+    import fsspec
+
+    store = fmt.FLOAT_DTYPES[config.dtype]
+    shards = sorted((s for unit in progress for s in unit["shards"]), key=lambda s: s["name"])
+    skipped = [s for unit in progress for s in unit["skipped"]]
+    totals: dict = {"skipped": len(skipped)}
+    for split in (fmt.TRAIN_SPLIT, fmt.VALIDATION_SPLIT):
+        chosen = [s for s in shards if s["split"] == split]
+        totals[split] = {"samples": sum(s["count"] for s in chosen), "shards": len(chosen),
+                         "bytes": sum(s["bytes"] for s in chosen)}
+    totals["samples"] = totals["train"]["samples"] + totals["validation"]["samples"]
+    totals["shards"] = len(shards)
+    totals["bytes"] = sum(s["bytes"] for s in shards)
+    totals["bytes_per_sample"] = totals["bytes"] / max(totals["samples"], 1)
+    prior_bytes = sum(u.get("stats", {}).get("prior_bytes", 0) for u in progress)
+    padded = sum(u.get("stats", {}).get("padded_prior_bytes", 0) for u in progress)
+    if padded:
+        totals["prior_bytes_per_sample"] = prior_bytes / max(totals["samples"], 1)
+        totals["padded_prior_bytes_per_sample"] = padded / max(totals["samples"], 1)
+
+    image_size = models.image_encoder.config.image_size
+    shapes = {"embedding_dim": models.image_encoder.config.projection_dim, "max_length": None,
+              "text_hidden_size": None, "latents": None, "resolution": None}
+    unconditional = {"zero_image": {"image_embeds": _rounded(enc.zero_image_embeds(models.image_encoder,
+                                                                                     image_size), store)},
+                     "empty_caption": None}
+    prompts = []
+    if models.text_encoder is not None:
+        shapes["max_length"] = models.tokenizer.model_max_length
+        shapes["text_hidden_size"] = models.text_encoder.config.hidden_size
+        unconditional["empty_caption"] = _text_entry(models, "", store)
+        prompts = [{"prompt": p, **_text_entry(models, p, store)} for p in config.validation_prompts]
+    if models.movq is not None:
+        factor = 2 ** (len(models.movq.config.block_out_channels) - 1)
+        side = config.resolution // factor
+        shapes["latents"] = [models.movq.config.latent_channels, side, side]
+        shapes["resolution"] = config.resolution
+
+    manifest = {
+        "format": fmt.FORMAT,
+        "version": fmt.VERSION,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "location": config.output_dir,
+        "encode": config.encode,
+        "dtype": config.dtype,
+        "members": list(fmt.ENCODE_MEMBERS[config.encode]),
+        "config": config.to_dict(),
+        "encoders": identities,
+        "preprocessing": {
+            "tokenizer": {"padding": "max_length", "max_length": shapes["max_length"], "truncation": True,
+                          "text_encoder_attention_mask": False},
+            "clip_image_processor": "image_processor subfolder of the prior (see encoders.image_processor)",
+            "exif_transpose": True,
+            "decoder": {"crop": "center square", "resize": "bicubic", "reducing_gap": 1,
+                        "resolution": shapes["resolution"], "range": [-1, 1],
+                        "latents": "movq.encode(x).latents, unquantised, no scaling factor"},
+        },
+        "shapes": shapes,
+        "shards": shards,
+        "totals": totals,
+        "skipped": skipped,
+        "unconditional": unconditional,
+        "validation_prompts": prompts,
+    }
+    fs, root = fsspec.core.url_to_fs(config.output_dir)
+    write_json_atomic(fs, posixpath.join(root, fmt.MANIFEST_NAME), manifest)
+    return manifest

@@ -1,0 +1,104 @@
+"""Read the cache: manifest, shard URLs and safe sample decoding.
+
+Imports the format module only (never the writer). Decoding reads raw tar bytes and parses them
+with `np.load(allow_pickle=False)` / `json`, so that a hostile shard cannot execute code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+from typing import Any, Iterable, Iterator
+
+import fsspec
+import numpy as np
+
+from . import format as fmt
+
+
+def _join(location: str, name: str) -> str:
+    if "://" in location:
+        return posixpath.join(location.rstrip("/"), name)
+    return os.path.join(location, name)
+
+
+def load_manifest(location: str) -> dict:
+    """Load and check `manifest.json` of a precompute output directory or URL."""
+    path = location if location.endswith(".json") else _join(location, fmt.MANIFEST_NAME)
+    try:
+        with fsspec.open(path, "r") as handle:
+            manifest = json.load(handle)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no cache manifest at {path}: run `python -m precompute` first") from None
+    fmt.check_manifest(manifest)
+    return manifest
+
+
+def cache_root(location: str) -> str:
+    """The directory holding the manifest, for a directory or a manifest path."""
+    if location.endswith(".json"):
+        return posixpath.dirname(location) if "://" in location else os.path.dirname(location)
+    return location
+
+
+def shard_urls(manifest: dict, location: str, split: str = fmt.TRAIN_SPLIT) -> list[str]:
+    """URLs of the published shards of one split, in manifest order."""
+    root = cache_root(location)
+    return [_join(root, s["name"]) for s in manifest["shards"] if s["split"] == split]
+
+
+def split_count(manifest: dict, split: str = fmt.TRAIN_SPLIT) -> int:
+    """Number of samples in one split (from the per-shard counts)."""
+    return sum(s["count"] for s in manifest["shards"] if s["split"] == split)
+
+
+def decode_sample(raw: dict[str, Any]) -> dict[str, Any]:
+    """Decode the known members of one raw webdataset sample; ignore anything else.
+
+    Unknown members are dropped rather than decoded: a shard is untrusted input.
+    """
+    sample: dict[str, Any] = {"__key__": raw.get("__key__"), "__url__": raw.get("__url__")}
+    for name in (fmt.CAPTIONS, fmt.META, *fmt.ARRAY_MEMBERS):
+        if name in raw:
+            sample[name] = fmt.decode_member(name, raw[name])
+    if fmt.TEXT_HIDDEN in sample:
+        # Validate the ragged layout now, in the reader, not deep inside a training step.
+        fmt.split_hidden(sample[fmt.TEXT_HIDDEN], sample[fmt.TEXT_LENGTHS])
+    return sample
+
+
+def decode_samples(raws: Iterable[dict], handler=None) -> Iterator[dict]:
+    """Pipeline stage: decode each raw sample; `handler(exc)` decides what a bad one does."""
+    for raw in raws:
+        try:
+            yield decode_sample(raw)
+        except Exception as exc:  # noqa: BLE001 - the policy is the handler's
+            if handler is None or not handler(exc):
+                raise
+
+
+def unconditional_text(manifest: dict) -> dict[str, np.ndarray]:
+    """Cached encodings of the empty caption "" (classifier-free guidance dropout)."""
+    entry = manifest["unconditional"]["empty_caption"]
+    return {
+        "text_embeds": np.asarray(entry["text_embeds"], dtype=np.float32),  # [E]
+        "text_hidden": np.asarray(entry["text_hidden"], dtype=np.float32),  # [L, H]
+    }
+
+
+def zero_image_embeds(manifest: dict) -> np.ndarray:
+    """Image embedding of an all-zero image: the decoder pipeline's negative embedding."""
+    return np.asarray(manifest["unconditional"]["zero_image"]["image_embeds"], dtype=np.float32)  # [E]
+
+
+def validation_prompts(manifest: dict) -> list[dict[str, Any]]:
+    """Cached encodings of `--validation_prompts` given to precompute."""
+    return [
+        {
+            "prompt": entry["prompt"],
+            "text_embeds": np.asarray(entry["text_embeds"], dtype=np.float32),  # [E]
+            "text_hidden": np.asarray(entry["text_hidden"], dtype=np.float32),  # [L, H]
+        }
+        for entry in manifest.get("validation_prompts", [])
+    ]
