@@ -55,10 +55,13 @@ def load_encoders(
 
         if decoder_path is None:
             raise ValueError("--encode decoder/all needs --pretrained_decoder_model_name_or_path (for movq/)")
-        enc.movq = VQModel.from_pretrained(decoder_path, subfolder="movq")
-    for module in (enc.text_encoder, enc.image_encoder, enc.movq):
+        # torch_dtype at load time keeps diffusers' fp32-only modules in fp32 (a plain .to(dtype) would not).
+        enc.movq = VQModel.from_pretrained(decoder_path, subfolder="movq", torch_dtype=dtype)
+    for module in (enc.text_encoder, enc.image_encoder):
         if module is not None:
             module.requires_grad_(False).eval().to(device=device, dtype=dtype)
+    if enc.movq is not None:
+        enc.movq.requires_grad_(False).eval().to(device)
     return enc
 
 

@@ -46,6 +46,20 @@ def open_input(config: PrecomputeConfig):
                            config.caption_column, cache_dir=config.cache_dir), None
 
 
+def check_output(config: PrecomputeConfig) -> None:
+    """Fail before loading any model when the output location cannot be written."""
+    import fsspec
+
+    try:
+        fs, root = fsspec.core.url_to_fs(config.output_dir)
+        fs.makedirs(root, exist_ok=True)
+        probe = f"{root.rstrip('/')}/.write-probe-{os.getpid()}"
+        fs.pipe_file(probe, b"ok")
+        fs.rm(probe)
+    except Exception as exc:  # noqa: BLE001 - any failure here means "cannot write there"
+        raise UsageError(f"--output_dir {config.output_dir!r} is not writable: {type(exc).__name__}: {exc}") from None
+
+
 def load_models(config: PrecomputeConfig, device: torch.device) -> enc.Encoders:
     try:
         return enc.load_encoders(config.pretrained_prior_model_name_or_path,
@@ -63,7 +77,8 @@ def make_record(key: str, captions: list[str], meta: dict, arrays: dict[str, np.
         if name == fmt.TEXT_LENGTHS:
             record[name] = fmt.encode_array(array.astype(fmt.LENGTH_DTYPE))
             continue
-        stored = array.astype(store)
+        with np.errstate(over="ignore"):  # an overflow is reported below, as a skipped sample
+            stored = array.astype(store)
         if not np.isfinite(stored).all():
             peak = float(np.abs(array).max())
             raise OverflowError(f"{name} overflows {np.dtype(store).name} (max |x| = {peak:.4g})")
@@ -112,6 +127,7 @@ def run(config: PrecomputeConfig) -> int:
     if config.encode == "decoder" and config.validation_prompts:
         raise UsageError("--validation_prompts needs the text encoder: use --encode prior or all")
     dataset, urls = open_input(config)
+    check_output(config)
     models = load_models(config, device)
     identities = encoder_identities(config, models)
     check_or_record_run(config, identities, state)  # refuses another model/settings in the same dir

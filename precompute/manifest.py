@@ -125,6 +125,9 @@ def check_or_record_run(config: PrecomputeConfig, identities: dict, state) -> No
             fs.makedirs(posixpath.join(root, PROGRESS_DIR), exist_ok=True)
         if existing is None or differs or foreign:
             write_json_atomic(fs, run_path, fingerprint)
+        # Temporary files of a killed run: never published, safe to drop before any rank starts.
+        for path in fs.glob(posixpath.join(root, "*.tmp-*")) + fs.glob(posixpath.join(root, PROGRESS_DIR, "*.tmp-*")):
+            fs.rm(path)
     state.wait_for_everyone()
 
 

@@ -1,0 +1,195 @@
+"""precompute: fidelity to the reference preprocessing/encoders, shard layout and manifest."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+from conftest import run_precompute
+from PIL import Image
+
+from precompute import format as fmt
+from precompute import reader
+
+
+def plain_read(cache: Path, split: str = "train") -> dict[str, dict]:
+    """Read every sample with plain webdataset + numpy (no project code), keyed by source key."""
+    manifest = json.loads((cache / "manifest.json").read_text())
+    urls = [str(cache / s["name"]) for s in manifest["shards"] if s["split"] == split]
+    out = {}
+    for sample in wds.WebDataset(urls, shardshuffle=False, nodesplitter=lambda x: x):
+        row = {k: np.load(io.BytesIO(v), allow_pickle=False) for k, v in sample.items() if k.endswith(".npy")}
+        row["captions"] = json.loads(sample["captions.json"])
+        out[json.loads(sample["json"])["key"]] = row
+    return out
+
+
+def reference_encodings(models, image_paths: list[Path], captions: list[list[str]], resolution: int) -> list[dict]:
+    """The reference scripts' lines, written out by hand, on one batch of raw images and their captions.
+
+    The batch is the one precompute formed (same images, same order): CPU kernels may round differently
+    for another batch size, and the test asks for agreement to 1e-6.
+    """
+    from diffusers import VQModel
+    from transformers import (CLIPImageProcessor, CLIPTextModelWithProjection, CLIPTokenizer,
+                              CLIPVisionModelWithProjection)
+
+    prior_dir, decoder_dir = models
+    tokenizer = CLIPTokenizer.from_pretrained(prior_dir, subfolder="tokenizer")
+    text_encoder = CLIPTextModelWithProjection.from_pretrained(prior_dir, subfolder="text_encoder").eval()
+    image_encoder = CLIPVisionModelWithProjection.from_pretrained(prior_dir, subfolder="image_encoder").eval()
+    image_processor = CLIPImageProcessor.from_pretrained(prior_dir, subfolder="image_processor")
+    movq = VQModel.from_pretrained(decoder_dir, subfolder="movq").eval()
+
+    def train_transforms(image):  # train_text_to_image_decoder.py
+        w, h = image.size
+        s = min(w, h)
+        img = image.crop(((w - s) / 2, (h - s) / 2, (w + s) / 2, (h + s) / 2))
+        img = img.resize((resolution, resolution), resample=Image.BICUBIC, reducing_gap=1)
+        img = np.array(img).astype(np.float32) / 127.5 - 1
+        return torch.from_numpy(np.transpose(img, [2, 0, 1]))
+
+    images = [Image.open(p).convert("RGB") for p in image_paths]
+    flat = [c for caps in captions for c in caps]
+    inputs = tokenizer(flat, max_length=tokenizer.model_max_length, padding="max_length", truncation=True,
+                       return_tensors="pt")
+    with torch.no_grad():
+        text_out = text_encoder(inputs.input_ids)
+        image_embeds = image_encoder(image_processor(images, return_tensors="pt").pixel_values).image_embeds
+        latents = movq.encode(torch.stack([train_transforms(i) for i in images])).latents
+    rows, start = [], 0
+    for i, caps in enumerate(captions):
+        sl = slice(start, start + len(caps))
+        start += len(caps)
+        rows.append({"text_embeds": text_out.text_embeds[sl].numpy(),
+                     "last_hidden_state": text_out.last_hidden_state[sl].numpy(),
+                     "mask": inputs.attention_mask[sl].bool().numpy(), "image_embeds": image_embeds[i].numpy(),
+                     "latents": latents[i].numpy()})
+    return rows
+
+
+def test_fidelity_fp32_matches_reference(tiny_models, sample_data, tiny_cache):
+    cached = plain_read(tiny_cache)
+    keys = sample_data["keys"][8:16]  # the first training batch precompute formed (batch_size 8)
+    refs = reference_encodings(tiny_models, [Path(sample_data["imagefolder"]) / f"{k}.jpg" for k in keys],
+                               [sample_data["captions"][k] for k in keys], 64)
+    for key, ref in zip(keys, refs):
+        row = cached[key]
+        assert row["captions"] == sample_data["captions"][key]
+        np.testing.assert_allclose(row["image_embeds.npy"], ref["image_embeds"], rtol=0, atol=1e-6)
+        np.testing.assert_allclose(row["latents.npy"], ref["latents"], rtol=0, atol=1e-6)
+        np.testing.assert_allclose(row["text_embeds.npy"], ref["text_embeds"], rtol=0, atol=1e-6)
+        lengths = ref["mask"].sum(1)
+        np.testing.assert_array_equal(row["text_lengths.npy"], lengths)
+        expected_hidden = np.concatenate([ref["last_hidden_state"][i, :n] for i, n in enumerate(lengths)])
+        np.testing.assert_allclose(row["text_hidden.npy"], expected_hidden, rtol=0, atol=1e-6)
+
+
+def test_fp16_store_is_the_fp16_cast(tiny_models, sample_data, tiny_cache, tmp_path):
+    out = tmp_path / "fp16"
+    assert run_precompute(tiny_models, out, "--dtype", "fp16", "--max_samples", "8", "--batch_size", "8",
+                          source=["--train_data_dir", str(sample_data["imagefolder"])]) == 0
+    half, full = plain_read(out), plain_read(tiny_cache, "validation")  # the same first 8 images, same batch
+    assert len(half) == 8
+    for key, row in half.items():
+        for name in ("image_embeds.npy", "latents.npy", "text_embeds.npy", "text_hidden.npy"):
+            assert row[name].dtype == np.float16
+            np.testing.assert_array_equal(row[name], full[key][name].astype(np.float16))
+
+
+def test_trimmed_hidden_padded_back_gives_same_prior_output(tiny_models, tiny_cache):
+    """Zero-padding the trimmed hidden states back to 77 is numerically the untrimmed input for the prior."""
+    from diffusers import PriorTransformer
+    from transformers import CLIPTextModelWithProjection, CLIPTokenizer
+
+    prior_dir = tiny_models[0]
+    prior = PriorTransformer.from_pretrained(prior_dir, subfolder="prior").eval()
+    tokenizer = CLIPTokenizer.from_pretrained(prior_dir, subfolder="tokenizer")
+    text_encoder = CLIPTextModelWithProjection.from_pretrained(prior_dir, subfolder="text_encoder").eval()
+    captions = ["a red circle on a blue background", "", "a picture of a small white diamond, black background"]
+    inputs = tokenizer(captions, max_length=77, padding="max_length", truncation=True, return_tensors="pt")
+    mask = inputs.attention_mask.bool()  # [3, 77]
+    with torch.no_grad():
+        out = text_encoder(inputs.input_ids)
+        hidden = out.last_hidden_state  # [3, 77, H], non-zero at padded positions
+        padded_back = torch.zeros_like(hidden)
+        for i, n in enumerate(mask.sum(1).tolist()):
+            padded_back[i, :n] = hidden[i, :n]
+        x = torch.randn(3, prior.config.embedding_dim)
+        t = torch.tensor([3, 500, 999])
+        kwargs = dict(timestep=t, proj_embedding=out.text_embeds, attention_mask=mask)
+        a = prior(x, encoder_hidden_states=hidden, **kwargs).predicted_image_embedding
+        b = prior(x, encoder_hidden_states=padded_back, **kwargs).predicted_image_embedding
+    assert (padded_back != hidden).any()
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_manifest_contents(tiny_cache, sample_data):
+    manifest = reader.load_manifest(str(tiny_cache))
+    assert manifest["format"] == fmt.FORMAT and manifest["version"] == fmt.VERSION
+    assert manifest["totals"]["train"]["samples"] == 56 and manifest["totals"]["validation"]["samples"] == 8
+    assert manifest["shapes"] == {"embedding_dim": 32, "max_length": 77, "text_hidden_size": 32,
+                                  "latents": [4, 8, 8], "resolution": 64}
+    assert set(manifest["encoders"]) == {"tokenizer", "text_encoder", "image_processor", "image_encoder", "movq"}
+    assert all(manifest["encoders"][n]["sha256"] for n in ("text_encoder", "image_encoder", "movq"))
+    assert manifest["config"]["holdout_samples"] == 8
+    empty = manifest["unconditional"]["empty_caption"]
+    assert empty["text_length"] == 2 and np.asarray(empty["text_hidden"]).shape == (2, 32)  # start + end tokens
+    assert len(manifest["unconditional"]["zero_image"]["image_embeds"]) == 32
+    assert [p["prompt"] for p in manifest["validation_prompts"]] == [
+        "a red circle on a blue background", "a green square on a white background"]
+    for shard in manifest["shards"]:  # bytes and sha256 describe the published file
+        data = (tiny_cache / shard["name"]).read_bytes()
+        assert len(data) == shard["bytes"]
+        assert __import__("hashlib").sha256(data).hexdigest() == shard["sha256"]
+        with tarfile.open(tiny_cache / shard["name"]) as tar:
+            assert len({m.name.split(".")[0] for m in tar.getmembers()}) == shard["count"]
+    held_out = set(plain_read(tiny_cache, "validation"))
+    assert held_out == set(sample_data["keys"][:8])
+
+
+def test_project_reader_matches_plain_reader(tiny_cache):
+    manifest = reader.load_manifest(str(tiny_cache))
+    urls = reader.shard_urls(manifest, str(tiny_cache))
+    plain = plain_read(tiny_cache)
+    raws = wds.WebDataset(urls, shardshuffle=False, nodesplitter=lambda x: x)
+    seen = 0
+    for sample in reader.decode_samples(raws):
+        key = sample[fmt.META]["key"]
+        np.testing.assert_array_equal(sample[fmt.IMAGE_EMBEDS], plain[key]["image_embeds.npy"])
+        parts = fmt.split_hidden(sample[fmt.TEXT_HIDDEN], sample[fmt.TEXT_LENGTHS])
+        assert [p.shape[0] for p in parts] == list(sample[fmt.TEXT_LENGTHS])
+        seen += 1
+    assert seen == reader.split_count(manifest) == 56
+
+
+def test_reader_never_unpickles(tmp_path):
+    """A shard member that would need pickle is refused, not executed."""
+    buffer = io.BytesIO()
+    np.save(buffer, np.array([{"evil": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(ValueError):
+        reader.decode_sample({"__key__": "x", fmt.IMAGE_EMBEDS: buffer.getvalue()})
+    with pytest.raises(fmt.FormatError):
+        fmt.encode_array(np.array([object()], dtype=object))
+
+
+def test_three_input_kinds_give_identical_tensors(tiny_models, sample_data, tiny_cache, tmp_path):
+    wds_out, ds_out = tmp_path / "from_wds", tmp_path / "from_dataset"
+    common = ("--dtype", "fp32", "--samples_per_shard", "16", "--holdout_samples", "8", "--batch_size", "8")
+    assert run_precompute(tiny_models, wds_out, *common, source=["--input_shards", sample_data["shard_pattern"]]) == 0
+    assert run_precompute(tiny_models, ds_out, *common, source=["--dataset_name", str(sample_data["imagefolder"])]) == 0
+    reference = {**plain_read(tiny_cache), **plain_read(tiny_cache, "validation")}
+    for out in (wds_out, ds_out):
+        got = {**plain_read(out), **plain_read(out, "validation")}
+        got = {f"{int(k):06d}": v for k, v in got.items()}  # a hub-style dataset has no file names: row keys
+        assert set(got) == set(reference)
+        for key, row in got.items():
+            assert row["captions"] == reference[key]["captions"]
+            for name in ("image_embeds.npy", "latents.npy", "text_embeds.npy", "text_hidden.npy"):
+                np.testing.assert_array_equal(row[name], reference[key][name])

@@ -1,0 +1,184 @@
+"""precompute as a job: crash and resume, bad input, refusals, clear errors, the rank split, --help."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import run_precompute
+from PIL import Image
+
+from precompute import format as fmt
+from precompute.units import assign, plan_units
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def shard_keys(cache: Path) -> list[str]:
+    """Source keys of every record in every published shard (duplicates kept)."""
+    import webdataset as wds
+
+    manifest = json.loads((cache / "manifest.json").read_text())
+    urls = [str(cache / s["name"]) for s in manifest["shards"]]
+    return [json.loads(s["json"])["key"] for s in wds.WebDataset(urls, shardshuffle=False, nodesplitter=lambda x: x)]
+
+
+def test_sigkill_then_rerun_finishes_without_loss_or_duplicates(tiny_models, sample_data, tmp_path):
+    out = tmp_path / "cache"
+    prior_dir, decoder_dir = tiny_models
+    cmd = [sys.executable, "-m", "precompute", "--pretrained_prior_model_name_or_path", str(prior_dir),
+           "--pretrained_decoder_model_name_or_path", str(decoder_dir), "--train_data_dir",
+           str(sample_data["imagefolder"]), "--output_dir", str(out), "--resolution", "64", "--num_workers", "0",
+           "--samples_per_shard", "4", "--batch_size", "2", "--holdout_samples", "4"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list((out / "_progress").glob("unit-*.json"))) < 3:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    published = sorted(p.name for p in (out / "_progress").glob("unit-*.json"))
+    assert 3 <= len(published) < 16, "the kill must land mid-run"
+    assert not (out / "manifest.json").exists()
+    first_shard = out / json.loads((out / "_progress" / published[0]).read_text())["shards"][0]["name"]
+    stamp = first_shard.stat().st_mtime_ns
+
+    assert run_precompute(tiny_models, out, "--samples_per_shard", "4", "--batch_size", "2", "--holdout_samples", "4",
+                          source=["--train_data_dir", str(sample_data["imagefolder"])]) == 0
+    assert first_shard.stat().st_mtime_ns == stamp, "a published unit was encoded again"
+    keys = shard_keys(out)
+    assert sorted(keys) == sorted(sample_data["keys"]) and len(keys) == len(set(keys))
+    manifest = json.loads((out / "manifest.json").read_text())
+    for shard in manifest["shards"]:
+        assert hashlib.sha256((out / shard["name"]).read_bytes()).hexdigest() == shard["sha256"]
+    assert not list(out.glob("*.tmp-*")), "temporary files of the killed run are left behind"
+
+
+def make_bad_imagefolder(root: Path, sample_data) -> set[str]:
+    """A copy of 6 sample images plus corrupt, empty, truncated, tiny and caption-less items."""
+    root.mkdir()
+    rows = []
+    for key in sample_data["keys"][:6]:
+        shutil.copy(Path(sample_data["imagefolder"]) / f"{key}.jpg", root / f"{key}.jpg")
+        rows.append({"file_name": f"{key}.jpg", "text": sample_data["captions"][key]})
+    good = (Path(sample_data["imagefolder"]) / f"{sample_data['keys'][0]}.jpg").read_bytes()
+    (root / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not a jpeg" * 8)
+    (root / "empty.jpg").write_bytes(b"")
+    (root / "truncated.jpg").write_bytes(good[: len(good) // 2])
+    Image.new("RGB", (2, 2), "red").save(root / "tiny.png")
+    shutil.copy(Path(sample_data["imagefolder"]) / f"{sample_data['keys'][1]}.jpg", root / "nocaption.jpg")
+    shutil.copy(Path(sample_data["imagefolder"]) / f"{sample_data['keys'][2]}.jpg", root / "emptycaption.jpg")
+    for name in ("corrupt.jpg", "empty.jpg", "truncated.jpg", "tiny.png"):
+        rows.append({"file_name": name, "text": ["a red circle"]})
+    rows.append({"file_name": "nocaption.jpg", "text": None})
+    rows.append({"file_name": "emptycaption.jpg", "text": []})
+    (root / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return {"corrupt", "empty", "truncated", "tiny", "nocaption", "emptycaption"}
+
+
+def test_bad_inputs_are_skipped_and_reported(tiny_models, sample_data, tmp_path, capsys):
+    bad = make_bad_imagefolder(tmp_path / "bad", sample_data)
+    out = tmp_path / "cache"
+    assert run_precompute(tiny_models, out, "--samples_per_shard", "5",
+                          source=["--train_data_dir", str(tmp_path / "bad")]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert {s["key"] for s in manifest["skipped"]} == bad
+    assert all(s["reason"] for s in manifest["skipped"])
+    assert manifest["totals"]["skipped"] == len(bad) and manifest["totals"]["samples"] == 6
+    assert sorted(shard_keys(out)) == sample_data["keys"][:6]
+    printed = capsys.readouterr().out
+    assert "6 skipped" in printed and all(f"skipped {key}:" in printed for key in bad)
+
+
+def test_fp16_overflow_skips_the_sample(tiny_models, sample_data, tmp_path, monkeypatch):
+    import precompute.main as job
+
+    real = job.encode_batch
+
+    def huge_first(batch, models, config):  # a value no fp16 can hold, in the first sample only
+        rows = real(batch, models, config)
+        rows[0][fmt.IMAGE_EMBEDS] = rows[0][fmt.IMAGE_EMBEDS] * 0 + np.float32(1e6)
+        return rows
+
+    monkeypatch.setattr(job, "encode_batch", huge_first)
+    out = tmp_path / "cache"
+    assert run_precompute(tiny_models, out, "--max_samples", "4", "--batch_size", "4",
+                          source=["--train_data_dir", str(sample_data["imagefolder"])]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [s["key"] for s in manifest["skipped"]] == [sample_data["keys"][0]]
+    assert "overflows float16" in manifest["skipped"][0]["reason"]
+    assert manifest["totals"]["samples"] == 3
+
+
+def test_other_settings_in_same_dir_are_refused_unless_overwrite(tiny_models, sample_data, tmp_path, capsys):
+    out = tmp_path / "cache"
+    source = ["--train_data_dir", str(sample_data["imagefolder"])]
+    assert run_precompute(tiny_models, out, "--max_samples", "4", source=source) == 0
+    assert run_precompute(tiny_models, out, "--max_samples", "4", "--resolution", "128", source=source) == 2
+    err = capsys.readouterr().err
+    assert "already holds a cache made with other settings" in err and "resolution" in err
+    assert json.loads((out / "manifest.json").read_text())["shapes"]["resolution"] == 64
+    assert run_precompute(tiny_models, out, "--max_samples", "4", "--resolution", "128", "--overwrite",
+                          source=source) == 0
+    assert json.loads((out / "manifest.json").read_text())["shapes"]["resolution"] == 128
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("column", "caption_column"),
+    ("model", "cannot load the encoders"),
+    ("output", "--output_dir"),
+    ("input", "no shards match"),
+])
+def test_clear_error_before_any_work(tiny_models, sample_data, tmp_path, capsys, case, expected):
+    source = ["--train_data_dir", str(sample_data["imagefolder"])]
+    models = tiny_models
+    out = tmp_path / "cache"
+    extra: list[str] = []
+    if case == "column":
+        extra = ["--caption_column", "caption"]
+    elif case == "model":
+        models = (tmp_path / "no_such_prior", tiny_models[1])
+    elif case == "output":
+        (tmp_path / "file").write_text("x")
+        out = tmp_path / "file" / "cache"  # a path below a regular file cannot be created
+    else:
+        source = ["--input_shards", str(tmp_path / "none-*.tar")]
+    assert run_precompute(models, out, *extra, source=source) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and expected in err[0]
+    assert not list(out.glob("*.tar")) if out.parent.is_dir() else True
+
+
+def test_rank_split_is_disjoint_and_complete():
+    units = plan_units(103, None, samples_per_shard=10, holdout=15)
+    assert [len(u.rows) for u in units[:2]] == [10, 5] and [u.holdout for u in units[:3]] == [10, 5, 0]
+    rows = sorted(r for u in units for r in u.rows)
+    assert rows == list(range(103))
+    for world in (1, 2, 3, 8):
+        parts = [assign(units, rank, world) for rank in range(world)]
+        ids = [u.id for part in parts for u in part]
+        assert sorted(ids) == [u.id for u in units] and len(ids) == len(set(ids))
+    tars = plan_units(None, ["a.tar", "b.tar", "c.tar"], samples_per_shard=10, holdout=4)
+    assert [(u.url, u.holdout) for u in tars] == [("a.tar", 4), ("b.tar", 0), ("c.tar", 0)]
+
+
+def test_help_documents_every_flag():
+    import dataclasses
+
+    from precompute.config import PrecomputeConfig
+
+    result = subprocess.run([sys.executable, "-m", "precompute", "--help"], cwd=ROOT, capture_output=True, text=True,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0
+    for f in dataclasses.fields(PrecomputeConfig):
+        assert f"--{f.name}" in result.stdout
+        assert f.metadata.get("help"), f"--{f.name} has no help"
