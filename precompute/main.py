@@ -31,13 +31,11 @@ class UsageError(Exception):
 
 def open_input(config: PrecomputeConfig):
     """Return (map-style dataset or None, tar URLs or None) for the one input the user gave."""
-    from .inputs import expand_urls, open_hf_dataset, open_imagefolder
+    from .inputs import open_hf_dataset, open_imagefolder
+    from .wds_inputs import expand_urls
 
     if config.input_shards:
-        urls = expand_urls(config.input_shards.split())
-        if not urls:
-            raise UsageError(f"--input_shards {config.input_shards!r} matches no file")
-        return None, urls
+        return None, expand_urls(config.input_shards.split())  # raises for a pattern matching nothing
     if config.train_data_dir:
         if not os.path.isdir(config.train_data_dir):
             raise UsageError(f"--train_data_dir {config.train_data_dir!r} is not a directory")

@@ -15,7 +15,8 @@ import torch
 
 from . import format as fmt
 from .images import BadImage, decoder_transform, load_image
-from .inputs import BadCaption, RawItem, iter_wds_inputs, normalize_captions
+from .inputs import BadCaption, RawItem, normalize_captions
+from .wds_inputs import iter_wds_inputs
 
 
 @dataclass(frozen=True)
@@ -68,7 +69,8 @@ def prepare(item: RawItem, split: str, resolution: int | None, min_size: int) ->
     captions = normalize_captions(item.captions)
     image = load_image(item.image or b"", min_size=min_size)
     pixel_values = decoder_transform(image, resolution) if resolution else None  # [3, r, r]
-    meta = {"key": item.key, "width": image.width, "height": image.height, **(item.meta or {})}
+    source = {k: v for k, v in (item.meta or {}).items() if k != "json"}  # img2dataset json may hold EXIF
+    meta = {"key": item.key, "width": image.width, "height": image.height, **source}
     return Prepared(item.key, split, captions, meta, image, pixel_values)
 
 
