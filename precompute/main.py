@@ -120,7 +120,8 @@ def padded_prior_bytes(arrays: dict[str, np.ndarray], itemsize: int, max_length:
 def run(config: PrecomputeConfig) -> int:
     from accelerate import PartialState
 
-    state = PartialState()
+    # cpu=True on a machine without GPU: otherwise accelerate ignores torchrun's ranks on CPU (one process).
+    state = PartialState(cpu=not torch.cuda.is_available() or config.device == "cpu")
     device = torch.device(config.device) if config.device else state.device
     if config.encode == "decoder" and config.validation_prompts:
         raise UsageError("--validation_prompts needs the text encoder: use --encode prior or all")
@@ -132,7 +133,7 @@ def run(config: PrecomputeConfig) -> int:
 
     num_rows = None if dataset is None else min(len(dataset), config.max_samples or len(dataset))
     units = plan_units(num_rows, urls, config.samples_per_shard, config.holdout_samples)
-    writer = CacheWriter(config.output_dir, config.samples_per_shard)
+    writer = CacheWriter(config.output_dir, config.samples_per_shard, rank=state.process_index)
     todo = [u for u in assign(units, state.process_index, state.num_processes)
             if not writer.fs.exists(writer._path(progress_name(u.id)))]
     resolution = config.resolution if models.movq is not None else None

@@ -72,8 +72,9 @@ class CacheWriter:
     the writer thread met, so a failed write is never silent.
     """
 
-    def __init__(self, output_dir: str, samples_per_shard: int, max_queue: int = 256) -> None:
+    def __init__(self, output_dir: str, samples_per_shard: int, rank: int = 0, max_queue: int = 256) -> None:
         self.fs, self.root = fsspec.core.url_to_fs(output_dir)
+        self.rank = rank
         self.samples_per_shard = samples_per_shard
         self.units: dict[int, UnitState] = {}
         self.published: list[dict] = []
@@ -160,7 +161,7 @@ class CacheWriter:
         state = self.units.pop(unit, UnitState())
         for writer in state.writers.values():
             writer.close()
-        progress = {"unit": unit, "samples": state.samples, "shards": state.shards, "skipped": skipped,
+        progress = {"unit": unit, "rank": self.rank, "samples": state.samples, "shards": state.shards, "skipped": skipped,
                     "stats": stats}
         write_json_atomic(self.fs, self._path(progress_name(unit)), progress)
         self.published.append(progress)

@@ -182,3 +182,23 @@ def test_help_documents_every_flag():
     for f in dataclasses.fields(PrecomputeConfig):
         assert f"--{f.name}" in result.stdout
         assert f.metadata.get("help"), f"--{f.name} has no help"
+
+
+def test_two_processes_split_the_units_and_rank0_merges(tiny_models, sample_data, tmp_path):
+    """torchrun with 2 CPU processes (gloo): disjoint units per rank, one complete manifest."""
+    out = tmp_path / "cache"
+    prior_dir, decoder_dir = tiny_models
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "precompute",
+           "--pretrained_prior_model_name_or_path", str(prior_dir), "--pretrained_decoder_model_name_or_path",
+           str(decoder_dir), "--input_shards", sample_data["shard_pattern"], "--output_dir", str(out),
+           "--resolution", "64", "--num_workers", "0", "--samples_per_shard", "16", "--holdout_samples", "4"]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+                                 "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    ranks = {json.loads(p.read_text())["unit"]: json.loads(p.read_text())["rank"]
+             for p in (out / "_progress").glob("unit-*.json")}
+    assert ranks == {0: 0, 1: 1, 2: 0, 3: 1}, "each rank must encode its own units"
+    keys = shard_keys(out)
+    assert sorted(keys) == sorted(sample_data["keys"]) and len(keys) == len(set(keys))
+    assert result.stdout.count("precompute: 64 images") == 1  # only rank 0 merges and reports
