@@ -8,6 +8,7 @@ import os
 import shutil
 import signal
 import subprocess
+import tarfile
 import sys
 import time
 from pathlib import Path
@@ -202,3 +203,54 @@ def test_two_processes_split_the_units_and_rank0_merges(tiny_models, sample_data
     keys = shard_keys(out)
     assert sorted(keys) == sorted(sample_data["keys"]) and len(keys) == len(set(keys))
     assert result.stdout.count("precompute: 64 images") == 1  # only rank 0 merges and reports
+
+
+def test_encode_decoder_loads_no_text_encoder_and_omits_text_members(tiny_models, sample_data, tmp_path,
+                                                                      monkeypatch):
+    from transformers import CLIPTextModelWithProjection, CLIPTokenizer
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("--encode decoder must not load the text side")
+
+    monkeypatch.setattr(CLIPTextModelWithProjection, "from_pretrained", refuse)
+    monkeypatch.setattr(CLIPTokenizer, "from_pretrained", refuse)
+    out = tmp_path / "cache"
+    assert run_precompute(tiny_models, out, "--encode", "decoder", "--max_samples", "4",
+                          source=["--train_data_dir", str(sample_data["imagefolder"])]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["unconditional"]["empty_caption"] is None
+    with tarfile.open(out / manifest["shards"][0]["name"]) as tar:
+        members = {m.name.split(".", 1)[1] for m in tar.getmembers()}
+    assert members == {fmt.CAPTIONS, fmt.IMAGE_EMBEDS, fmt.LATENTS, fmt.META}
+
+
+def test_encode_prior_loads_no_movq_and_omits_latents(tiny_models, sample_data, tmp_path, monkeypatch):
+    from diffusers import VQModel
+
+    monkeypatch.setattr(VQModel, "from_pretrained", lambda *a, **k: (_ for _ in ()).throw(AssertionError("movq")))
+    out = tmp_path / "cache"
+    assert run_precompute(tiny_models, out, "--encode", "prior", "--max_samples", "4",
+                          source=["--train_data_dir", str(sample_data["imagefolder"])]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["shapes"]["latents"] is None
+    with tarfile.open(out / manifest["shards"][0]["name"]) as tar:
+        members = {m.name.split(".", 1)[1] for m in tar.getmembers()}
+    assert members == {fmt.CAPTIONS, fmt.TEXT_EMBEDS, fmt.TEXT_HIDDEN, fmt.TEXT_LENGTHS, fmt.IMAGE_EMBEDS, fmt.META}
+
+
+def test_object_storage_output_through_fsspec(tiny_models, sample_data):
+    """Any fsspec URL works as --output_dir (memory:// here; s3:// with the s3 extra) and reads back."""
+    import webdataset as wds
+
+    from precompute import reader
+    from precompute.wds_inputs import register_fsspec_scheme
+
+    url = "memory://kandinsky-cache-test"
+    assert run_precompute(tiny_models, url, "--max_samples", "8", "--samples_per_shard", "4",
+                          source=["--train_data_dir", str(sample_data["imagefolder"])]) == 0
+    manifest = reader.load_manifest(url)
+    urls = reader.shard_urls(manifest, url)
+    assert len(urls) == 2 and all(u.startswith("memory://") for u in urls)
+    register_fsspec_scheme(urls[0])
+    samples = list(reader.decode_samples(wds.WebDataset(urls, shardshuffle=False, nodesplitter=lambda x: x)))
+    assert sorted(s[fmt.META]["key"] for s in samples) == sample_data["keys"][:8]
