@@ -6,6 +6,7 @@ units this rank owns (skipping those already published), then rank 0 writes the 
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
@@ -135,10 +136,10 @@ def run(config: PrecomputeConfig) -> int:
     units = plan_units(num_rows, urls, config.samples_per_shard, config.holdout_samples)
     writer = CacheWriter(config.output_dir, config.samples_per_shard, rank=state.process_index)
     todo = [u for u in assign(units, state.process_index, state.num_processes)
-            if not writer.fs.exists(writer._path(progress_name(u.id)))]
+            if not writer.fs.exists(writer.path(progress_name(u.id)))]
     resolution = config.resolution if models.movq is not None else None
     stream = UnitStream(todo, dataset, config.caption_column, config.batch_size,
-                        lambda images: enc.clip_pixel_values(models.image_processor, images), resolution,
+                        functools.partial(enc.clip_pixel_values, models.image_processor), resolution,
                         config.min_image_size)
     loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=min(config.num_workers, len(todo)),
                                          collate_fn=collate_identity)

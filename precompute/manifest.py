@@ -135,7 +135,7 @@ def load_progress(writer, units) -> list[dict]:
     """Progress records of every planned unit; a missing one means a rank failed."""
     records = []
     for unit in units:
-        path = writer._path(progress_name(unit.id))
+        path = writer.path(progress_name(unit.id))
         if not writer.fs.exists(path):
             raise RuntimeError(f"unit {unit.id} was not published (did a process fail?); re-run to finish it")
         records.append(json.loads(writer.fs.cat_file(path)))

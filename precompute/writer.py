@@ -103,10 +103,11 @@ class CacheWriter:
         if self.error is not None:
             raise RuntimeError(f"writing shards failed: {self.error}") from self.error
 
-    # -- writer-thread side --------------------------------------------------------------------
-    def _path(self, name: str) -> str:
+    def path(self, name: str) -> str:
+        """Full path of a file in the output directory (fsspec paths are posix on every backend)."""
         return posixpath.join(self.root, name)
 
+    # -- writer-thread side --------------------------------------------------------------------
     def _run(self) -> None:
         while True:
             item = self.queue.get()
@@ -127,7 +128,7 @@ class CacheWriter:
         """A ShardWriter for (unit, split) whose finished tars are renamed to their final names."""
         if split in state.writers:
             return state.writers[split]
-        pattern = self._path(f"{split}-{unit:06d}-%03d.tar.tmp-{uuid.uuid4().hex[:8]}")
+        pattern = self.path(f"{split}-{unit:06d}-%03d.tar.tmp-{uuid.uuid4().hex[:8]}")
         handles: dict[str, HashingFile] = {}
 
         def opener(fname: str) -> HashingFile:
@@ -141,7 +142,7 @@ class CacheWriter:
             handle = handles.pop(fname)
             handle.close()
             name = shard_name(split, unit, writer.shard - 1)  # ShardWriter has already advanced
-            self.fs.mv(fname, self._path(name))
+            self.fs.mv(fname, self.path(name))
             state.shards.append({"name": name, "split": split, "count": writer.count,
                                  "bytes": handle.size, "sha256": handle.sha256.hexdigest()})
 
@@ -163,7 +164,7 @@ class CacheWriter:
             writer.close()
         progress = {"unit": unit, "rank": self.rank, "samples": state.samples, "shards": state.shards, "skipped": skipped,
                     "stats": stats}
-        write_json_atomic(self.fs, self._path(progress_name(unit)), progress)
+        write_json_atomic(self.fs, self.path(progress_name(unit)), progress)
         self.published.append(progress)
 
 
