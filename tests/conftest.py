@@ -57,3 +57,89 @@ def tiny_cache(tiny_models, sample_data, tmp_path_factory: pytest.TempPathFactor
                           source=["--train_data_dir", str(Path(sample_data["imagefolder"]))])
     assert code == 0
     return out
+
+
+# --- prior trainer (tests/test_train_*.py) ---------------------------------------------------------
+
+LEARNING_IMAGES = 256  # the default 64 sample images are too few for a tiny prior to generalise
+LEARNING_HOLDOUT = 32
+
+
+def shuffle_captions(src: Path, dst: Path, seed: int = 0) -> Path:
+    """Copy a cache with the caption members of its training samples permuted across images (a control)."""
+    import shutil
+
+    import numpy as np
+    import webdataset as wds
+
+    from precompute import format as fmt
+    from precompute import reader
+
+    text = (fmt.CAPTIONS, fmt.TEXT_EMBEDS, fmt.TEXT_HIDDEN, fmt.TEXT_LENGTHS)
+    dst.mkdir(parents=True, exist_ok=True)
+    manifest = reader.load_manifest(str(src))
+    samples = []
+    for url in reader.shard_urls(manifest, str(src), fmt.TRAIN_SPLIT):
+        for raw in wds.WebDataset(url, shardshuffle=False, nodesplitter=lambda urls: urls):
+            samples.append((Path(url).name, {k: v for k, v in raw.items() if not k.startswith("__")} | {
+                "__key__": raw["__key__"]}))
+    perm = np.random.default_rng(seed).permutation(len(samples))
+    writers: dict = {}
+    for (name, sample), j in zip(samples, perm):
+        sample = sample | {k: samples[j][1][k] for k in text}
+        if name not in writers:
+            writers[name] = wds.TarWriter(str(dst / name), encoder=False, mtime=0)
+        writers[name].write(sample)
+    for writer in writers.values():
+        writer.close()
+    for url in reader.shard_urls(manifest, str(src), fmt.VALIDATION_SPLIT):
+        shutil.copy(url, dst)
+    shutil.copy(src / fmt.MANIFEST_NAME, dst)  # same names and counts; the checksums no longer match
+    return dst
+
+
+@pytest.fixture(scope="session")
+def learning_caches(tiny_models, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(cache, control) of a larger prior-only sample dataset; the control has captions shuffled across images."""
+    from make_sample_data import make_sample_data
+
+    root = tmp_path_factory.mktemp("learning")
+    data = make_sample_data(root / "data", num_images=LEARNING_IMAGES, image_size=64)
+    code = run_precompute(tiny_models, root / "cache", "--encode", "prior", "--dtype", "fp32",
+                          "--samples_per_shard", "32", "--holdout_samples", str(LEARNING_HOLDOUT), "--batch_size", "64",
+                          source=["--train_data_dir", str(data["imagefolder"])])
+    assert code == 0
+    return root / "cache", shuffle_captions(root / "cache", root / "control")
+
+
+@pytest.fixture(scope="session")
+def train_prior(tiny_models):
+    """Run `python -m train prior` in-process: `train_prior(output_dir, cache, *flags) -> summary`.
+
+    Quiet, seeded defaults on the tiny prior; later flags override them. accelerate's singletons are
+    reset first, so several runs can share one test process.
+    """
+    from accelerate.state import AcceleratorState, GradientState
+
+    from train.config import PriorTrainConfig, parse_config
+    from train.loop import train
+    from train.prior import PriorObjective
+
+    def run(output_dir, cache, *flags: str, objective_class=PriorObjective) -> dict:
+        import torch
+
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # tiny models on a shared 2-core machine: a 2nd thread only spins (~10x slower)
+        argv = ["--shards", str(cache), "--pretrained_prior_model_name_or_path", str(tiny_models[0]),
+                "--output_dir", str(output_dir), "--seed", "0", "--report_to", "none", "--lr_warmup_steps", "0",
+                "--train_batch_size", "4", "--checkpointing_steps", "1000", "--validation_steps", "0",
+                "--validation_samples", "8", *flags]
+        config = parse_config(PriorTrainConfig, argv)
+        try:
+            return train(config, objective_class(config))
+        finally:
+            torch.set_num_threads(threads)
+
+    return run

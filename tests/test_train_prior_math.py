@@ -1,0 +1,173 @@
+"""The prior objective's math: the cached step equals the reference step computed with online encoders."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import webdataset as wds
+from diffusers import DDPMScheduler, PriorTransformer
+from diffusers.training_utils import compute_snr
+from PIL import Image, ImageOps
+
+from precompute import format as fmt
+from precompute import reader
+from train.prior import PriorCollate, PriorSampleTransform, make_noise_scheduler, training_loss
+from train.snr import diffusion_mse, min_snr_weights
+
+RTOL = 1e-5  # fp32 cache: the issue's bound on the relative error of the loss
+TIMESTEPS = [0, 10, 250, 500, 750, 999]  # one batch spread over the schedule
+
+
+def cached_train_samples(cache: Path, n: int) -> list[dict]:
+    """The first n decoded training samples of the cache (with their source metadata)."""
+    manifest = reader.load_manifest(str(cache))
+    urls = reader.shard_urls(manifest, str(cache), fmt.TRAIN_SPLIT)
+    samples = []
+    for raw in wds.WebDataset(urls, shardshuffle=False, nodesplitter=lambda u: u):
+        samples.append(reader.decode_sample(raw))
+        if len(samples) == n:
+            return samples
+    raise AssertionError("cache too small")
+
+
+def reference_loss(models, images, captions, prior, noise, timesteps, snr_gamma):
+    """The reference script's step (train_text_to_image_prior.py), line by line, with online encoders."""
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPTextModelWithProjection,
+        CLIPTokenizer,
+        CLIPVisionModelWithProjection,
+    )
+
+    path = str(models[0])
+    noise_scheduler = DDPMScheduler(beta_schedule="squaredcos_cap_v2", prediction_type="sample")
+    image_processor = CLIPImageProcessor.from_pretrained(path, subfolder="image_processor")
+    tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")
+    image_encoder = CLIPVisionModelWithProjection.from_pretrained(path, subfolder="image_encoder").eval()
+    text_encoder = CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder").eval()
+    clip_mean, clip_std = prior.clip_mean.clone(), prior.clip_std.clone()
+
+    inputs = tokenizer(captions, max_length=tokenizer.model_max_length, padding="max_length", truncation=True,
+                       return_tensors="pt")
+    text_input_ids, text_mask = inputs.input_ids, inputs.attention_mask.bool()
+    clip_images = image_processor([image.convert("RGB") for image in images], return_tensors="pt").pixel_values
+    with torch.no_grad():
+        text_encoder_output = text_encoder(text_input_ids)
+        prompt_embeds = text_encoder_output.text_embeds
+        text_encoder_hidden_states = text_encoder_output.last_hidden_state
+        image_embeds = image_encoder(clip_images).image_embeds
+        image_embeds = (image_embeds - clip_mean) / clip_std
+        noisy_latents = noise_scheduler.add_noise(image_embeds, noise, timesteps)
+        target = image_embeds
+    model_pred = prior(noisy_latents, timestep=timesteps, proj_embedding=prompt_embeds,
+                       encoder_hidden_states=text_encoder_hidden_states, attention_mask=text_mask).predicted_image_embedding
+    if snr_gamma is None:
+        loss = F.mse_loss(model_pred.float(), target.float(), reduction="mean")
+    else:
+        snr = compute_snr(noise_scheduler, timesteps)
+        mse_loss_weights = torch.stack([snr, snr_gamma * torch.ones_like(timesteps)], dim=1).min(dim=1)[0]
+        if noise_scheduler.config.prediction_type == "epsilon":
+            mse_loss_weights = mse_loss_weights / snr
+        elif noise_scheduler.config.prediction_type == "v_prediction":
+            mse_loss_weights = mse_loss_weights / (snr + 1)
+        loss = F.mse_loss(model_pred.float(), target.float(), reduction="none")
+        loss = loss.mean(dim=list(range(1, len(loss.shape)))) * mse_loss_weights
+        loss = loss.mean()
+    return loss, text_mask
+
+
+@pytest.mark.parametrize("snr_gamma", [None, 5.0])
+def test_cached_loss_equals_reference_step(tiny_models, tiny_cache, snr_gamma):
+    samples = cached_train_samples(tiny_cache, len(TIMESTEPS))
+    choices = [i % len(s[fmt.CAPTIONS]) for i, s in enumerate(samples)]  # several caption slots, fixed on both sides
+    # What datasets' Image feature does for the reference: PIL open + EXIF transpose.
+    images = [ImageOps.exif_transpose(Image.open(s[fmt.META]["path"])) for s in samples]
+    captions = [s[fmt.CAPTIONS][c] for s, c in zip(samples, choices)]
+    items = [{"image_embeds": s[fmt.IMAGE_EMBEDS], "text_embeds": s[fmt.TEXT_EMBEDS][c],
+              "text_hidden": fmt.split_hidden(s[fmt.TEXT_HIDDEN], s[fmt.TEXT_LENGTHS])[c]}
+             for s, c in zip(samples, choices)]
+    batch = PriorCollate()(items)
+    prior = PriorTransformer.from_pretrained(str(tiny_models[0]), subfolder="prior")
+    noise = torch.randn(len(samples), prior.config.embedding_dim, generator=torch.Generator().manual_seed(0))
+    timesteps = torch.tensor(TIMESTEPS)
+
+    ours = training_loss(prior, batch, make_noise_scheduler(), noise=noise, timesteps=timesteps, snr_gamma=snr_gamma,
+                         clip_mean=prior.clip_mean.detach().clone(), clip_std=prior.clip_std.detach().clone())
+    ours.backward()
+    our_grads = [p.grad.clone() for p in prior.parameters() if p.grad is not None]
+    prior.zero_grad()
+    reference, text_mask = reference_loss(tiny_models, images, captions, prior, noise, timesteps, snr_gamma)
+    reference.backward()
+    ref_grads = [p.grad for p in prior.parameters() if p.grad is not None]
+
+    assert torch.equal(batch["text_mask"], text_mask)  # the mask rebuilt from text_lengths is the tokenizer's
+    assert abs(ours.item() - reference.item()) <= RTOL * abs(reference.item())
+    for ours_g, ref_g in zip(our_grads, ref_grads, strict=True):
+        assert torch.allclose(ours_g, ref_g, rtol=1e-4, atol=1e-5 * ref_g.abs().max().item())
+
+
+def test_padding_back_with_zeros_is_exact():
+    """Zero padding (what the collate writes) gives the loss that junk padding (what CLIP outputs) gives."""
+    torch.manual_seed(0)
+    prior = PriorTransformer(num_attention_heads=2, attention_head_dim=16, num_layers=2, embedding_dim=32)
+    with torch.no_grad():
+        prior.positional_embedding.normal_()
+        prior.prd_embedding.normal_()
+    lengths = [2, 9, 30, 77]
+    batch = PriorCollate()([{"image_embeds": np.random.randn(32).astype(np.float32),
+                             "text_embeds": np.random.randn(32).astype(np.float32),
+                             "text_hidden": np.random.randn(n, 32).astype(np.float32)} for n in lengths])
+    assert batch["text_hidden"].shape == (4, 77, 32)
+    assert batch["text_mask"].sum(1).tolist() == lengths
+    junk = dict(batch, text_hidden=torch.where(batch["text_mask"][..., None], batch["text_hidden"],
+                                               5 * torch.randn(batch["text_hidden"].shape)))
+    kwargs = dict(noise=torch.randn(4, 32), timesteps=torch.tensor([1, 200, 600, 999]),
+                  clip_mean=torch.zeros(1, 32), clip_std=torch.ones(1, 32))
+    scheduler = make_noise_scheduler()
+    zero_loss = training_loss(prior, batch, scheduler, **kwargs)
+    junk_loss = training_loss(prior, junk, scheduler, **kwargs)
+    assert abs(zero_loss.item() - junk_loss.item()) <= 1e-6 * abs(junk_loss.item())
+    longest = PriorCollate(pad_to_longest=True)([{"image_embeds": np.zeros(32, np.float32),
+                                                  "text_embeds": np.zeros(32, np.float32),
+                                                  "text_hidden": np.ones((n, 32), np.float32)} for n in (3, 5)])
+    assert longest["text_hidden"].shape == (2, 5, 32) and longest["text_mask"].sum(1).tolist() == [3, 5]
+
+
+@pytest.mark.parametrize("prediction_type", ["sample", "epsilon", "v_prediction"])
+def test_min_snr_weights_per_prediction_type(prediction_type):
+    scheduler = DDPMScheduler(beta_schedule="squaredcos_cap_v2", prediction_type=prediction_type)
+    timesteps = torch.tensor([0, 100, 500, 900, 999])
+    alpha_bar = scheduler.alphas_cumprod[timesteps]
+    snr = alpha_bar / (1 - alpha_bar)
+    capped = torch.minimum(snr, torch.tensor(5.0))
+    expected = {"sample": capped, "epsilon": capped / snr, "v_prediction": capped / (snr + 1)}[prediction_type]
+    assert torch.allclose(min_snr_weights(scheduler, timesteps, 5.0), expected, rtol=1e-5)
+    pred, target = torch.randn(5, 8), torch.randn(5, 8)
+    weighted = diffusion_mse(pred, target, timesteps, scheduler, snr_gamma=5.0)
+    assert torch.allclose(weighted, (((pred - target) ** 2).mean(1) * expected).mean(), rtol=1e-5)
+    assert torch.allclose(diffusion_mse(pred, target, timesteps, scheduler), F.mse_loss(pred, target))
+
+
+def test_caption_choice_is_uniform_and_dropout_uses_the_empty_caption():
+    hidden = np.arange(3 * 4 * 2, dtype=np.float32).reshape(12, 2)  # 3 captions of 4 tokens
+    sample = {fmt.IMAGE_EMBEDS: np.zeros(2, np.float32), fmt.TEXT_EMBEDS: np.eye(3, 2, dtype=np.float32) + 1,
+              fmt.TEXT_HIDDEN: hidden, fmt.TEXT_LENGTHS: np.array([4, 4, 4], np.int32)}
+    empty = {"text_embeds": np.full(2, -7.0, np.float32), "text_hidden": np.full((2, 2), -7.0, np.float32)}
+    transform = PriorSampleTransform(text_dropout=0.25, empty_text=empty)
+    draws = [transform(sample, np.random.default_rng([0, i])) for i in range(3000)]
+    dropped = [d for d in draws if d["text_embeds"][0] == -7.0]
+    assert abs(len(dropped) / len(draws) - 0.25) < 0.03
+    assert all(d["text_hidden"].shape == (2, 2) and (d["text_hidden"] == -7.0).all() for d in dropped)
+    kept = [d for d in draws if d["text_embeds"][0] != -7.0]
+    firsts = [int(d["text_hidden"][0, 0]) // 8 for d in kept]  # which caption's rows were taken
+    counts = np.bincount(firsts, minlength=3) / len(kept)
+    assert np.all(np.abs(counts - 1 / 3) < 0.04)
+    for d in kept:  # the pooled embedding and the hidden rows come from the same caption
+        c = int(d["text_hidden"][0, 0]) // 8
+        assert np.array_equal(d["text_embeds"], sample[fmt.TEXT_EMBEDS][c])
+    with pytest.raises(ValueError, match="empty-caption"):
+        PriorSampleTransform(text_dropout=0.1, empty_text=None)

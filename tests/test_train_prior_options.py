@@ -1,0 +1,100 @@
+"""Forward options of the prior trainer: same losses, different work."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from train.prior import PriorObjective
+
+STEPS = ("--max_train_steps", "4")
+
+
+class Probe(PriorObjective):
+    """Records how often the first transformer block runs and how wide the text batches are."""
+
+    block_calls = 0
+    widths: list[int] = []
+
+    def load_model(self):
+        prior = super().load_model()
+        block = prior.transformer_blocks[0]
+        forward = block.forward
+
+        def counted(*args, **kwargs):  # not a hook: checkpoint recomputation calls forward without hooks
+            Probe.block_calls += 1
+            return forward(*args, **kwargs)
+
+        block.forward = counted
+        return prior
+
+    def loss(self, module, batch):
+        Probe.widths.append(batch["text_hidden"].shape[1])
+        return super().loss(module, batch)
+
+
+def probe_run(train_prior, cache, out, *flags):
+    Probe.block_calls, Probe.widths = 0, []
+    losses = train_prior(out, cache, *STEPS, *flags, objective_class=Probe)["losses"]
+    return losses, Probe.block_calls, list(Probe.widths)
+
+
+@pytest.fixture(scope="module")
+def plain(train_prior, tiny_cache, tmp_path_factory):
+    return probe_run(train_prior, tiny_cache, tmp_path_factory.mktemp("plain"))
+
+
+def test_gradient_checkpointing_recomputes_blocks_and_keeps_the_losses(train_prior, tiny_cache, tmp_path, plain):
+    losses, calls, _ = probe_run(train_prior, tiny_cache, tmp_path, "--gradient_checkpointing")
+    assert calls == 2 * plain[1]  # every block forward is run again in the backward pass
+    assert all(math.isclose(a, b, rel_tol=1e-5) for a, b in zip(losses, plain[0], strict=True))
+
+
+def test_trim_padding_runs_shorter_batches_with_the_same_losses(train_prior, tiny_cache, tmp_path, plain):
+    losses, _, widths = probe_run(train_prior, tiny_cache, tmp_path, "--trim_padding")
+    assert set(plain[2]) == {77} and max(widths) < 77
+    assert all(math.isclose(a, b, rel_tol=1e-4) for a, b in zip(losses, plain[0], strict=True))
+
+
+def test_bf16_autocast_trains(train_prior, tiny_cache, tmp_path, plain):
+    losses, _, _ = probe_run(train_prior, tiny_cache, tmp_path, "--mixed_precision", "bf16")
+    assert all(math.isfinite(x) for x in losses) and losses != plain[0]  # autocast really ran
+    assert all(math.isclose(a, b, rel_tol=2e-2) for a, b in zip(losses, plain[0]))
+
+
+def test_epochs_from_the_manifest_scaled_lr_and_tf32(train_prior, tiny_cache, tmp_path):
+    import torch
+
+    matmul = torch.backends.cuda.matmul  # a special module: set and restored by hand, not with monkeypatch
+    before, matmul.allow_tf32 = matmul.allow_tf32, False
+    try:
+        summary = train_prior(tmp_path, tiny_cache, "--num_train_epochs", "2", "--train_batch_size", "8",
+                              "--gradient_accumulation_steps", "2", "--scale_lr", "--allow_tf32",
+                              "--learning_rate", "1e-4")
+        assert matmul.allow_tf32
+    finally:
+        matmul.allow_tf32 = before
+    assert summary["steps_per_epoch"] == 4 and summary["global_step"] == 8  # ceil(56 / 16) steps per epoch
+    assert math.isclose(summary["learning_rate"], 1e-4 * 8 * 2)
+
+
+def test_resume_from_checkpoint_names(tmp_path):
+    from train.checkpoints import TRAIN_STATE, find_checkpoint
+    from train.config import PriorTrainConfig
+
+    for step, complete in ((3, True), (6, True), (9, False)):  # checkpoint-9 was cut off while saving
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        if complete:
+            (tmp_path / f"checkpoint-{step}" / TRAIN_STATE).write_text("{}")
+
+    def resume(value):
+        return find_checkpoint(PriorTrainConfig(shards=["x"], output_dir=str(tmp_path), resume_from_checkpoint=value))
+
+    assert resume("latest") == str(tmp_path / "checkpoint-6")
+    assert resume("checkpoint-3") == str(tmp_path / "checkpoint-3")
+    assert resume(str(tmp_path / "checkpoint-3")) == str(tmp_path / "checkpoint-3")
+    with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
+        resume("checkpoint-9")
+    assert find_checkpoint(PriorTrainConfig(shards=["x"], output_dir=str(tmp_path / "new"),
+                                            resume_from_checkpoint="latest")) is None

@@ -1,0 +1,48 @@
+"""`python -m train prior|decoder [flags]` (also under `accelerate launch -m train ...` or torchrun)."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import sys
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# command -> "module:Objective"; each objective class names its config class (`config_class`).
+COMMANDS = {"prior": "train.prior:PriorObjective", "decoder": "train.decoder:DecoderObjective"}
+USAGE = "usage: python -m train {prior,decoder} [--help | flags]"
+
+
+def load_objective_class(command: str):
+    module_name, class_name = COMMANDS[command].split(":")
+    return getattr(importlib.import_module(module_name), class_name)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse the command and its flags, train, and return the exit code (2 = refused before step 1)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in COMMANDS:
+        print(USAGE, file=sys.stderr)
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    command, flags = argv[0], argv[1:]
+    objective_class = load_objective_class(command)
+    from .config import parse_config
+    from .loop import Refused, train
+
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    try:
+        config = parse_config(objective_class.config_class, flags, prog=f"python -m train {command}")
+    except ValueError as exc:  # a flag value refused by the config
+        print(f"train {command}: error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        train(config, objective_class(config))
+    except Refused as exc:
+        print(f"train {command}: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

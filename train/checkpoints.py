@@ -1,0 +1,125 @@
+"""Checkpoints: `output_dir/checkpoint-N` with the model (and EMA) as safetensors, rotation and resume.
+
+accelerate saves the optimizer, scheduler and RNG states; the hooks below save the trained model the
+way the reference scripts do (a diffusers folder per model). Each rank adds its data position, and
+the main process writes `train_state.json` last: a checkpoint without it is incomplete and ignored.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import shutil
+
+from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list
+
+from .config import CONFIG_NAME, TrainConfig
+
+logger = logging.getLogger(__name__)
+
+TRAIN_STATE = "train_state.json"  # written last: marks the checkpoint complete
+
+
+def register_checkpoint_hooks(accelerator: Accelerator, objective, model, ema) -> None:
+    """Checkpoints hold the model (and EMA) as diffusers folders of safetensors, like the reference."""
+    subfolder = objective.model_subfolder
+
+    def save_hook(models, weights, output_dir):
+        if accelerator.is_main_process:
+            if ema is not None:
+                ema.save_pretrained(os.path.join(output_dir, f"{subfolder}_ema"))
+            accelerator.unwrap_model(model).save_pretrained(os.path.join(output_dir, subfolder))
+        while weights:
+            weights.pop()  # saved above; accelerate must not save them again
+
+    def load_hook(models, input_dir):
+        while models:
+            models.pop()
+        loaded = objective.model_class.from_pretrained(input_dir, subfolder=subfolder)
+        model.load_state_dict(loaded.state_dict())
+        if ema is not None:  # what EMAModel.from_pretrained does, minus its deprecated from_config(path) call
+            path = os.path.join(input_dir, f"{subfolder}_ema")
+            saved = objective.model_class.load_config(path)
+            state = {k: saved[k] for k in ema.state_dict() if k in saved and k != "shadow_params"}
+            shadow = [p.detach().clone() for p in objective.model_class.from_pretrained(path).parameters()]
+            ema.load_state_dict({**state, "shadow_params": shadow})
+            ema.to(accelerator.device)
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
+
+
+def save_checkpoint(accelerator: Accelerator, config: TrainConfig, global_step: int, losses: list, loader) -> str:
+    """`output_dir/checkpoint-N`: accelerate state, each rank's data position, then the completion marker."""
+    path = os.path.join(config.output_dir, f"checkpoint-{global_step}")
+    if accelerator.is_main_process and config.checkpoints_total_limit is not None:
+        old = list_checkpoints(config.output_dir, complete_only=False)
+        for name in old[: max(0, len(old) - config.checkpoints_total_limit + 1)]:
+            logger.info("removing old checkpoint %s", name)
+            shutil.rmtree(os.path.join(config.output_dir, name))
+    accelerator.wait_for_everyone()
+    accelerator.save_state(path)
+    with open(os.path.join(path, f"data_state_{accelerator.process_index}.json"), "w") as handle:
+        json.dump(loader.state_dict(), handle)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        config.save(path)
+        with open(os.path.join(path, TRAIN_STATE), "w") as handle:
+            json.dump({"global_step": global_step, "losses": losses}, handle)
+        logger.info("saved state to %s", path)
+    return path
+
+
+def list_checkpoints(output_dir: str, complete_only: bool = True) -> list[str]:
+    """`checkpoint-N` names in `output_dir`, oldest first."""
+    if not os.path.isdir(output_dir):
+        return []
+    names = [d for d in os.listdir(output_dir) if d.startswith("checkpoint-") and d.split("-")[-1].isdigit()]
+    if complete_only:
+        names = [d for d in names if os.path.exists(os.path.join(output_dir, d, TRAIN_STATE))]
+    return sorted(names, key=lambda d: int(d.split("-")[-1]))
+
+
+def find_checkpoint(config: TrainConfig) -> str | None:
+    """The directory `--resume_from_checkpoint` names; `latest` with none found starts a new run."""
+    wanted = config.resume_from_checkpoint
+    if not wanted:
+        return None
+    if wanted == "latest":
+        names = list_checkpoints(config.output_dir)
+        if not names:
+            logger.warning("no complete checkpoint in %s: starting a new training run", config.output_dir)
+            return None
+        return os.path.join(config.output_dir, names[-1])
+    for path in (wanted, os.path.join(config.output_dir, wanted)):
+        if os.path.exists(os.path.join(path, TRAIN_STATE)):
+            return path
+    raise FileNotFoundError(f"--resume_from_checkpoint {wanted}: no complete checkpoint there")
+
+
+def resolve_seed(config: TrainConfig, resume_dir: str | None) -> int:
+    """The given seed, else the resumed run's, else a fresh one shared by every process."""
+    if config.seed is not None:
+        return config.seed
+    if resume_dir is not None:
+        with open(os.path.join(resume_dir, CONFIG_NAME)) as handle:
+            saved = json.load(handle).get("seed")
+        if saved is not None:
+            return saved
+    seed = [random.SystemRandom().randrange(2**31)]
+    broadcast_object_list(seed)
+    logger.warning("no --seed given: using seed %d (recorded in the checkpoints)", seed[0])
+    return seed[0]
+
+
+def load_train_state(accelerator: Accelerator, resume_dir: str) -> tuple[int, list[float], dict]:
+    """Restore accelerate's state; return (global_step, loss history, this rank's data position)."""
+    accelerator.load_state(resume_dir)
+    with open(os.path.join(resume_dir, TRAIN_STATE)) as handle:
+        saved = json.load(handle)
+    with open(os.path.join(resume_dir, f"data_state_{accelerator.process_index}.json")) as handle:
+        data_state = json.load(handle)
+    return saved["global_step"], saved["losses"], data_state

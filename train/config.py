@@ -1,0 +1,209 @@
+"""Training configuration: one dataclass per command, parsed with `transformers.HfArgumentParser`.
+
+`TrainConfig` holds what the shared loop needs; each command subclasses it with its own model flags
+(`PriorTrainConfig` here; the decoder config subclasses `TrainConfig` the same way). Flag names and
+defaults follow the diffusers Kandinsky 2.2 scripts where they exist, so their users recognise them.
+The whole config is saved as JSON with every checkpoint and with the exported model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Literal, Optional, TypeVar
+
+DEFAULT_PRIOR = "kandinsky-community/kandinsky-2-2-prior"
+CONFIG_NAME = "train_config.json"
+
+
+@dataclass
+class TrainConfig:
+    """Options shared by every objective (data, optimisation, checkpoints, logging, validation)."""
+
+    shards: list[str] = field(
+        metadata={"help": "The precompute cache: its output directory or URL (with manifest.json), or explicit "
+                  "training shard URLs / local globs / brace patterns (data/train-{000000..000099}-000.tar); the "
+                  "manifest is then read from --manifest or from the directory of the first shard."}
+    )
+    manifest: Optional[str] = field(
+        default=None,
+        metadata={"help": "Path or URL of the cache's manifest.json when --shards lists shard files (default: "
+                  "next to the first shard). Validation shards are taken from it."},
+    )
+    output_dir: str = field(
+        default="kandi_2_2-model-finetuned",
+        metadata={"help": "Where checkpoints, logs, the final pipeline folder, model card and loss curve go."},
+    )
+    seed: Optional[int] = field(
+        default=None,
+        metadata={"help": "Seed of initialisation, noise and data order. Without it a seed is drawn and recorded "
+                  "in the checkpoints, so a resumed run still continues exactly."},
+    )
+    train_batch_size: int = field(default=1, metadata={"help": "Batch size per device (per process)."})
+    num_train_epochs: int = field(
+        default=100,
+        metadata={"help": "Epochs to train when --max_train_steps is not given (epoch length from the manifest's "
+                  "sample counts)."},
+    )
+    max_train_steps: Optional[int] = field(
+        default=None, metadata={"help": "Total optimisation steps; overrides --num_train_epochs."}
+    )
+    gradient_accumulation_steps: int = field(
+        default=1, metadata={"help": "Batches whose gradients are accumulated before one optimiser step."}
+    )
+    learning_rate: float = field(default=1e-4, metadata={"help": "Initial learning rate (after warmup)."})
+    scale_lr: bool = field(
+        default=False,
+        metadata={"help": "Multiply the learning rate by accumulation steps x batch size x number of processes."},
+    )
+    lr_scheduler: str = field(
+        default="constant",
+        metadata={"help": "diffusers.optimization.get_scheduler name: linear, cosine, cosine_with_restarts, "
+                  "polynomial, constant, constant_with_warmup."},
+    )
+    lr_warmup_steps: int = field(default=500, metadata={"help": "Optimisation steps of learning-rate warmup."})
+    snr_gamma: Optional[float] = field(
+        default=None,
+        metadata={"help": "Min-SNR loss weighting gamma (https://arxiv.org/abs/2303.09556); 5.0 is recommended. "
+                  "The weights follow the noise scheduler's prediction type."},
+    )
+    use_8bit_adam: bool = field(default=False, metadata={"help": "Use bitsandbytes' 8-bit AdamW (needs bitsandbytes)."})
+    allow_tf32: bool = field(
+        default=False, metadata={"help": "Allow TF32 matmuls on Ampere+ GPUs (faster, slightly less precise)."}
+    )
+    use_ema: bool = field(
+        default=False, metadata={"help": "Keep an EMA of the weights; validation and the export use the EMA weights."}
+    )
+    ema_decay: float = field(default=0.9999, metadata={"help": "Maximum EMA decay (diffusers EMAModel `decay`)."})
+    adam_beta1: float = field(default=0.9, metadata={"help": "AdamW beta1."})
+    adam_beta2: float = field(default=0.999, metadata={"help": "AdamW beta2."})
+    adam_weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
+    adam_epsilon: float = field(default=1e-08, metadata={"help": "AdamW epsilon."})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm."})
+    mixed_precision: Optional[Literal["no", "fp16", "bf16"]] = field(
+        default=None,
+        metadata={"help": "Autocast dtype for the forward pass (weights stay fp32). Default: the accelerate config "
+                  "or the `accelerate launch` flag."},
+    )
+    gradient_checkpointing: bool = field(
+        default=False, metadata={"help": "Recompute each transformer block in the backward pass to save memory."}
+    )
+    report_to: str = field(
+        default="tensorboard",
+        metadata={"help": "Tracker(s): tensorboard, wandb, comet_ml, all, or none. A tracker that is not "
+                  "installed is dropped with one warning; training goes on."},
+    )
+    logging_dir: str = field(default="logs", metadata={"help": "Tracker log directory, relative to --output_dir."})
+    tracker_project_name: str = field(
+        default="text2image-fine-tune", metadata={"help": "Project name given to Accelerator.init_trackers."}
+    )
+    checkpointing_steps: int = field(
+        default=500,
+        metadata={"help": "Save the full training state (output_dir/checkpoint-N) every N optimisation steps."},
+    )
+    checkpoints_total_limit: Optional[int] = field(
+        default=None, metadata={"help": "Keep at most this many checkpoints; the oldest are deleted first."}
+    )
+    resume_from_checkpoint: Optional[str] = field(
+        default=None,
+        metadata={"help": "A checkpoint-N directory (path, or name inside --output_dir) or 'latest'. The run "
+                  "continues at the exact batch where the checkpoint was taken."},
+    )
+    dataloader_num_workers: int = field(
+        default=0,
+        metadata={"help": "DataLoader worker processes per process; each reads its own shards (needs at least "
+                  "processes x workers training shards)."},
+    )
+    shuffle_buffer: int = field(
+        default=1000,
+        metadata={"help": "Samples held in each reader's shuffle buffer (shard order is also shuffled every "
+                  "epoch); 1 disables sample shuffling."},
+    )
+    validation_steps: int = field(
+        default=500, metadata={"help": "Validate every N optimisation steps (and once at the end); 0 disables."}
+    )
+    validation_prompts: Optional[list[str]] = field(
+        default=None,
+        metadata={"help": "Prompts to sample at validation; they must have been encoded by precompute "
+                  "(--validation_prompts there). Default: all prompts stored in the manifest."},
+    )
+    validation_samples: int = field(
+        default=64, metadata={"help": "Held-out samples (validation shards) scored at each validation."}
+    )
+
+    def __post_init__(self) -> None:
+        if isinstance(self.shards, str):
+            self.shards = [self.shards]
+        positive = ("train_batch_size", "gradient_accumulation_steps", "checkpointing_steps", "shuffle_buffer")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ValueError(f"--{name} must be positive")
+        if self.max_train_steps is not None and self.max_train_steps <= 0:
+            raise ValueError("--max_train_steps must be positive")
+        if self.checkpoints_total_limit is not None and self.checkpoints_total_limit <= 0:
+            raise ValueError("--checkpoints_total_limit must be positive")
+        if self.dataloader_num_workers < 0 or self.validation_steps < 0 or self.validation_samples < 0:
+            raise ValueError("--dataloader_num_workers, --validation_steps and --validation_samples must be >= 0")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def save(self, directory: str) -> str:
+        """Write the full config as JSON (`train_config.json`) into `directory`."""
+        os.makedirs(directory, exist_ok=True)
+        path = os.path.join(directory, CONFIG_NAME)
+        with open(path, "w") as handle:
+            json.dump({"command": getattr(self, "command", None), **self.to_dict()}, handle, indent=2)
+        return path
+
+
+@dataclass
+class PriorTrainConfig(TrainConfig):
+    """Fine-tune the Kandinsky 2.2 prior (PriorTransformer) from cached text and image embeddings."""
+
+    command = "prior"
+
+    pretrained_prior_model_name_or_path: str = field(
+        default=DEFAULT_PRIOR,
+        metadata={"help": "Prior pipeline folder or hub id. Only its prior/ (and scheduler/ for validation) is "
+                  "loaded; the frozen encoders are copied as files into the exported pipeline, never loaded."},
+    )
+    text_dropout: float = field(
+        default=0.0,
+        metadata={"help": "Probability of replacing a caption's text encodings with the cached empty-caption "
+                  "encodings (classifier-free guidance); the original prior used about 0.1-0.2."},
+    )
+    trim_padding: bool = field(
+        default=False,
+        metadata={"help": "Run the prior on the batch padded to its longest caption instead of 77 tokens (same "
+                  "result, less work; needs train/prior_trim.py)."},
+    )
+    validation_inference_steps: int = field(
+        default=10, metadata={"help": "UnCLIPScheduler steps when sampling image embeddings at validation."}
+    )
+    validation_guidance_scale: float = field(
+        default=1.0,
+        metadata={"help": "Classifier-free guidance scale at validation (uses the cached empty-caption encodings); "
+                  "1.0 = no guidance."},
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0.0 <= self.text_dropout <= 1.0:
+            raise ValueError("--text_dropout must be in [0, 1]")
+        if self.validation_inference_steps <= 0:
+            raise ValueError("--validation_inference_steps must be positive")
+
+
+C = TypeVar("C", bound=TrainConfig)
+
+
+def parse_config(config_class: type[C], argv: list[str] | None = None, prog: str | None = None) -> C:
+    """Parse flags into `config_class` (`--help` lists every field with its help string)."""
+    from transformers import HfArgumentParser
+
+    parser = HfArgumentParser(config_class, description=config_class.__doc__, prog=prog)
+    (config,) = parser.parse_args_into_dataclasses(args=argv)
+    return config

@@ -1,0 +1,260 @@
+"""The decoder objective: the reference decoder training step, fed from cached MoVQ latents and image embeddings.
+
+`training_loss` is the math of diffusers' `train_text_to_image_decoder.py` as a pure function; the
+`DecoderObjective` class is everything else the shared loop (train/loop.py) asks of an objective.
+Training loads only `unet/` and `scheduler/` of the decoder: no CLIP vision model and no MoVQ
+encoder is ever built (the cache holds their outputs). Validation images need the MoVQ *decoder*,
+loaded lazily by train/decoder_validation.py, and only when `--validation_images` > 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import numpy as np
+import torch
+from diffusers import DDPMScheduler, UNet2DConditionModel, VQModel
+from diffusers.utils.import_utils import is_xformers_available
+
+from precompute import format as fmt
+from precompute import reader
+
+from .data import CacheSource, load_validation
+from .decoder_config import DecoderTrainConfig
+from .export import export_pipeline, write_model_card
+from .snr import diffusion_mse
+
+logger = logging.getLogger(__name__)
+
+UNET_SUBFOLDER = "unet"
+FROZEN_COMPONENTS = ("movq", "scheduler")  # copied as files into the exported pipeline, never loaded
+TRAIN_MEMBERS = (fmt.IMAGE_EMBEDS, fmt.LATENTS)
+# The Kandinsky 2.2 UNet outputs 8 channels: the prediction for the 4 latent channels, then 4 channels
+# of learned variance (trained with a VLB term in the original Kandinsky code). The reference script
+# only trains `sample[:, :4]`, and the pipeline's DDPMScheduler (fixed variance) discards the rest.
+LATENT_CHANNELS = 4
+
+
+class ManifestMismatch(ValueError):
+    """The cache was not made for this decoder (or at another resolution)."""
+
+
+def make_noise_scheduler(decoder: str) -> DDPMScheduler:
+    """The reference decoder's training scheduler: the decoder folder's own DDPMScheduler config."""
+    return DDPMScheduler.from_pretrained(decoder, subfolder="scheduler")
+
+
+def prediction_target(noise_scheduler: DDPMScheduler, latents: torch.Tensor, noise: torch.Tensor,
+                      timesteps: torch.Tensor) -> torch.Tensor:
+    """What the UNet predicts under the scheduler's prediction type (the reference assumes epsilon)."""
+    prediction_type = noise_scheduler.config.prediction_type
+    if prediction_type == "epsilon":
+        return noise
+    if prediction_type == "v_prediction":
+        return noise_scheduler.get_velocity(latents, noise, timesteps)
+    if prediction_type == "sample":
+        return latents
+    raise ValueError(f"unknown prediction_type {prediction_type!r}")
+
+
+def training_loss(
+    unet: torch.nn.Module,
+    batch: dict[str, torch.Tensor],
+    noise_scheduler: DDPMScheduler,
+    *,
+    noise: torch.Tensor,
+    timesteps: torch.Tensor,
+    snr_gamma: float | None = None,
+) -> torch.Tensor:
+    """The reference decoder loss on one collated cache batch.
+
+    `batch`: `latents` [B, 4, h, w] (`movq.encode(x).latents`, unquantised) and `image_embeds` [B, E]
+    (raw CLIP). `noise` [B, 4, h, w] and `timesteps` [B] are given so that tests can replay a step.
+    """
+    latents = batch["latents"].float()  # [B, 4, h, w]
+    image_embeds = batch["image_embeds"].float()  # [B, E]
+    noise = noise.to(latents.dtype)  # [B, 4, h, w]
+    noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)  # [B, 4, h, w]
+    target = prediction_target(noise_scheduler, latents, noise, timesteps)  # [B, 4, h, w]
+    out = unet(noisy_latents, timesteps, None, added_cond_kwargs={"image_embeds": image_embeds}).sample  # [B, 8, h, w]
+    model_pred = out[:, :LATENT_CHANNELS]  # [B, 4, h, w]
+    return diffusion_mse(model_pred, target, timesteps, noise_scheduler, snr_gamma)
+
+
+class DecoderSampleTransform:
+    """Per sample: with probability `image_dropout`, replace `image_embeds` by the zero-image embedding.
+
+    The draw happens for every sample, so the RNG stream never depends on `image_dropout`.
+    """
+
+    def __init__(self, image_dropout: float = 0.0, zero_image_embeds: np.ndarray | None = None):
+        if image_dropout > 0 and zero_image_embeds is None:
+            raise ValueError("--image_dropout needs the zero-image embedding of the manifest")
+        self.image_dropout, self.zero_image_embeds = image_dropout, zero_image_embeds
+
+    def __call__(self, sample: dict, rng: np.random.Generator) -> dict:
+        image_embeds = sample[fmt.IMAGE_EMBEDS]  # [E]
+        if bool(rng.random() < self.image_dropout):
+            image_embeds = self.zero_image_embeds.astype(image_embeds.dtype)  # [E]
+        return {"image_embeds": image_embeds, "latents": sample[fmt.LATENTS]}
+
+
+class DecoderCollate:
+    """Stack samples into `latents` [B, 4, h, w] and `image_embeds` [B, E]."""
+
+    def __call__(self, samples: list[dict]) -> dict[str, torch.Tensor]:
+        return {
+            "latents": torch.from_numpy(np.stack([s["latents"] for s in samples])),  # [B, 4, h, w]
+            "image_embeds": torch.from_numpy(np.stack([s["image_embeds"] for s in samples])),  # [B, E]
+        }
+
+
+def movq_scale_factor(decoder: str) -> int:
+    """Pixels per latent: what KandinskyV22Pipeline computes, from movq/config.json alone (no weights)."""
+    movq_config = VQModel.load_config(decoder, subfolder="movq")
+    return 2 ** (len(movq_config["block_out_channels"]) - 1)
+
+
+def check_manifest(manifest: dict, unet: UNet2DConditionModel, resolution: int, scale_factor: int) -> None:
+    """Refuse, with one message listing every problem, a cache that cannot train this decoder."""
+    fmt.check_manifest(manifest)
+    problems = []
+    members = manifest.get("members") or fmt.ENCODE_MEMBERS.get(manifest.get("encode"), ())
+    missing = [m for m in fmt.DECODER_MEMBERS if m not in members]
+    if missing:
+        problems.append(f"the shards lack the decoder members {missing} (encode={manifest.get('encode')!r}; "
+                        "re-run precompute with --encode decoder or all)")
+    shapes, config = manifest.get("shapes", {}), unet.config
+    if shapes.get("resolution") != resolution:
+        problems.append(f"the cache was encoded at resolution {shapes.get('resolution')} but --resolution {resolution} "
+                        f"was asked (pass --resolution {shapes.get('resolution')}, or re-run precompute with "
+                        f"--resolution {resolution})")
+    side = resolution // scale_factor
+    expected = [LATENT_CHANNELS, side, side]
+    if not missing and shapes.get("resolution") == resolution and list(shapes.get("latents") or []) != expected:
+        problems.append(f"cached latents have shape {shapes.get('latents')}, expected {expected} for resolution "
+                        f"{resolution} and this MoVQ (factor {scale_factor})")
+    if config.in_channels != LATENT_CHANNELS or config.out_channels < LATENT_CHANNELS:
+        problems.append(f"the UNet has in/out channels {config.in_channels}/{config.out_channels}, expected "
+                        f"{LATENT_CHANNELS}/>={LATENT_CHANNELS}")
+    if config.addition_embed_type != "image":
+        problems.append(f"the UNet is not conditioned on image embeddings (addition_embed_type="
+                        f"{config.addition_embed_type!r}): not a Kandinsky 2.2 decoder")
+    elif shapes.get("embedding_dim") != config.encoder_hid_dim:
+        problems.append(f"embedding_dim {shapes.get('embedding_dim')} != UNet encoder_hid_dim {config.encoder_hid_dim}")
+    if reader.split_count(manifest, fmt.TRAIN_SPLIT) == 0:
+        problems.append("the cache has no training samples")
+    if problems:
+        raise ManifestMismatch("the cache does not fit this decoder: " + "; ".join(problems))
+
+
+def enable_xformers(unet: UNet2DConditionModel) -> None:
+    """xformers attention, or one clear error (diffusers' own would be about torch.cuda.is_available)."""
+    if not is_xformers_available():
+        raise ValueError("--enable_xformers_memory_efficient_attention needs xformers (pip install xformers); "
+                         "without the flag PyTorch's scaled_dot_product_attention is used")
+    if not torch.cuda.is_available():
+        raise ValueError("--enable_xformers_memory_efficient_attention needs a CUDA GPU (xformers has no CPU "
+                         "kernels); drop the flag to use PyTorch's scaled_dot_product_attention")
+    unet.enable_xformers_memory_efficient_attention()
+
+
+class DecoderObjective:
+    """What the shared loop needs for `python -m train decoder` (see train/loop.py `Objective`)."""
+
+    name = "decoder"
+    config_class = DecoderTrainConfig
+    model_class = UNet2DConditionModel
+    model_subfolder = UNET_SUBFOLDER
+    members = TRAIN_MEMBERS
+
+    def __init__(self, config: DecoderTrainConfig):
+        self.config = config
+        self.noise_scheduler: DDPMScheduler | None = None  # loaded in setup, where a bad path is refused
+        self.zero_image_embeds: np.ndarray | None = None
+        self.validation = None
+        if config.validation_prompts:
+            logger.warning("--validation_prompts is ignored by the decoder trainer (it has no text input); "
+                           "validation renders held-out image embeddings")
+
+    def load_model(self) -> UNet2DConditionModel:
+        """unet/ (with scheduler/ in `setup`): the only parts of the decoder loaded to train."""
+        unet = UNet2DConditionModel.from_pretrained(self.config.pretrained_decoder_model_name_or_path,
+                                                    subfolder=UNET_SUBFOLDER)
+        if self.config.enable_xformers_memory_efficient_attention:
+            enable_xformers(unet)
+        if self.config.gradient_checkpointing:
+            unet.enable_gradient_checkpointing()
+        return unet.train()
+
+    def check_manifest(self, manifest: dict, model: UNet2DConditionModel) -> None:
+        scale = movq_scale_factor(self.config.pretrained_decoder_model_name_or_path)
+        check_manifest(manifest, model, self.config.resolution, scale)
+
+    def setup(self, model: UNet2DConditionModel, source: CacheSource, device: torch.device) -> None:
+        """Load the training scheduler; read the zero-image embedding (dropout, negative) and the held-out data."""
+        self.noise_scheduler = make_noise_scheduler(self.config.pretrained_decoder_model_name_or_path)
+        self.zero_image_embeds = reader.zero_image_embeds(source.manifest)  # [E]
+        limit = max(self.config.validation_samples, self.config.validation_images)
+        if self.config.validation_steps and limit:
+            from .decoder_validation import DecoderValidation
+
+            held_out = load_validation(source, TRAIN_MEMBERS, limit)
+            self.validation = DecoderValidation(self.config, self.noise_scheduler, held_out, self.zero_image_embeds)
+
+    def train_module(self, model: UNet2DConditionModel) -> torch.nn.Module:
+        return model
+
+    def sample_transform(self) -> DecoderSampleTransform:
+        return DecoderSampleTransform(self.config.image_dropout, self.zero_image_embeds)
+
+    def collate(self) -> DecoderCollate:
+        return DecoderCollate()
+
+    def loss(self, module: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Draw noise then timesteps (as the reference; global torch RNG, restored on resume) and return the loss."""
+        latents = batch["latents"]  # [B, 4, h, w]
+        noise = torch.randn(latents.shape, device=latents.device)  # [B, 4, h, w]
+        timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
+                                  device=latents.device).long()  # [B]
+        return training_loss(module, batch, self.noise_scheduler, noise=noise, timesteps=timesteps,
+                             snr_gamma=self.config.snr_gamma)
+
+    def validate(self, model: UNet2DConditionModel, step: int, accelerator) -> dict[str, float]:
+        if self.validation is None:
+            return {}
+        return self.validation.run(model, step, accelerator)
+
+    def export(self, model: UNet2DConditionModel, output_dir: str, summary: dict) -> None:
+        """A complete KandinskyV22Pipeline folder: trained unet + the base's movq and scheduler files.
+
+        The model card's `prior:` entry names the prior, which is how AutoPipelineForText2Image
+        (KandinskyV22CombinedPipeline) finds it, as on the hub.
+        """
+        from huggingface_hub import ModelCardData
+
+        config = self.config
+        export_pipeline(config.pretrained_decoder_model_name_or_path, output_dir, {UNET_SUBFOLDER: model},
+                        FROZEN_COMPONENTS)
+        prior = config.pretrained_prior_model_name_or_path
+        prior = os.path.abspath(prior) if os.path.isdir(prior) else prior
+        write_model_card(
+            output_dir,
+            base_model=config.pretrained_decoder_model_name_or_path,
+            title="Kandinsky 2.2 decoder fine-tuned from an embedding cache",
+            usage=_USAGE.format(path=os.path.abspath(output_dir)),
+            config=config,
+            summary=summary,
+            extra_yaml=ModelCardData(prior=[prior]).to_yaml(),
+        )
+
+
+_USAGE = """```python
+from diffusers import AutoPipelineForText2Image
+
+pipe = AutoPipelineForText2Image.from_pretrained("{path}")  # the prior comes from this card's `prior:` entry
+image = pipe("a red circle on a blue background").images[0]
+```
+
+`KandinskyV22Pipeline.from_pretrained("{path}")` is the decoder alone (`image_embeds`, `negative_image_embeds`)."""

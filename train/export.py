@@ -1,0 +1,136 @@
+"""The end of a run: a loadable diffusers pipeline folder, a model card and a loss-curve PNG.
+
+Frozen components are taken from the base pipeline folder as files (hard links where the file
+system allows, else copies): the encoders are never loaded into memory just to be saved again.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from collections.abc import Sequence
+
+from PIL import Image, ImageDraw
+
+logger = logging.getLogger(__name__)
+
+MODEL_INDEX = "model_index.json"
+
+
+def local_model_dir(name_or_path: str, folders: Sequence[str]) -> str:
+    """A local folder for a pipeline: the path itself, or a hub snapshot of just `folders` (files only)."""
+    if os.path.isdir(name_or_path):
+        return name_or_path
+    from huggingface_hub import snapshot_download
+
+    patterns = [MODEL_INDEX, *[f"{folder}/*" for folder in folders]]
+    return snapshot_download(name_or_path, allow_patterns=patterns)
+
+
+def link_or_copy_tree(src: str, dst: str) -> None:
+    """Mirror `src` into `dst` file by file: hard link when possible (same file system), else copy."""
+    for root, _, files in os.walk(src):
+        target = os.path.join(dst, os.path.relpath(root, src))
+        os.makedirs(target, exist_ok=True)
+        for name in files:
+            source, dest = os.path.realpath(os.path.join(root, name)), os.path.join(target, name)
+            if os.path.lexists(dest):
+                os.remove(dest)
+            try:
+                os.link(source, dest)
+            except OSError:
+                shutil.copy2(source, dest)
+
+
+def export_pipeline(base: str, output_dir: str, trained: dict, frozen: Sequence[str]) -> None:
+    """Write a complete pipeline folder: `trained` models (name -> ModelMixin) plus the base's `frozen` parts."""
+    base_dir = local_model_dir(base, frozen)
+    os.makedirs(output_dir, exist_ok=True)
+    with open(os.path.join(base_dir, MODEL_INDEX)) as handle:
+        index = json.load(handle)
+    missing = [name for name in (*frozen, *trained) if name not in index]
+    if missing:
+        raise ValueError(f"{base} is not the expected pipeline: its {MODEL_INDEX} lacks {missing}")
+    for name in frozen:
+        if index[name] == [None, None]:
+            continue
+        link_or_copy_tree(os.path.join(base_dir, name), os.path.join(output_dir, name))
+    for name, model in trained.items():
+        model.save_pretrained(os.path.join(output_dir, name))  # safetensors
+    shutil.copyfile(os.path.join(base_dir, MODEL_INDEX), os.path.join(output_dir, MODEL_INDEX))
+
+
+def write_model_card(output_dir: str, *, base_model: str, title: str, usage: str, config, summary: dict,
+                     extra_yaml: str = "") -> str:
+    """A short README.md: what was trained from what, how to load it, the key settings and final metrics."""
+    metrics = summary.get("validation") or {}
+    lines = [
+        "---",
+        "library_name: diffusers",
+        f"base_model: {base_model}",
+        "tags:\n- kandinsky\n- text-to-image\n- diffusers",
+        *( [extra_yaml.rstrip()] if extra_yaml else [] ),
+        "---",
+        "",
+        f"# {title}",
+        "",
+        (f"Fine-tuned from **{base_model}** on a precomputed embedding cache (`{' '.join(config.shards)}`) "
+         "without loading any frozen encoder during training."),
+        "",
+        "## Usage",
+        "",
+        usage,
+        "",
+        "## Training",
+        "",
+        (f"* Steps: {summary.get('global_step')} (batch {config.train_batch_size} x accumulation "
+         f"{config.gradient_accumulation_steps} x {summary.get('num_processes', 1)} process(es))"),
+        f"* Learning rate: {config.learning_rate} ({config.lr_scheduler}, warmup {config.lr_warmup_steps})",
+        f"* Min-SNR gamma: {config.snr_gamma}; EMA: {config.use_ema}; mixed precision: {config.mixed_precision}",
+        f"* Final training loss: {summary.get('final_loss')}",
+        *[f"* {name}: {value:.4f}" for name, value in metrics.items()],
+        "",
+        "![loss curve](./loss_curve.png)" if os.path.exists(os.path.join(output_dir, "loss_curve.png")) else "",
+        "",
+    ]
+    path = os.path.join(output_dir, "README.md")
+    with open(path, "w") as handle:
+        handle.write("\n".join(lines))
+    return path
+
+
+PLOT_SIZE = (640, 360)
+MARGIN = 48  # room for the axis labels
+
+
+def draw_loss_curve(losses: Sequence[float], path: str, title: str = "training loss") -> str:
+    """Plot losses per optimisation step (and a moving average) as a PNG, with PIL only."""
+    width, height = PLOT_SIZE
+    image = Image.new("RGB", PLOT_SIZE, "white")
+    draw = ImageDraw.Draw(image)
+    left, top, right, bottom = MARGIN, MARGIN // 2, width - MARGIN // 2, height - MARGIN
+    draw.rectangle([left, top, right, bottom], outline="black")
+    draw.text((left, 4), title, fill="black")
+    values = [float(v) for v in losses]
+    if values:
+        low, high = min(values), max(values)
+        span = (high - low) or 1.0
+        n = max(len(values) - 1, 1)
+
+        def point(i: int, v: float) -> tuple[float, float]:
+            return left + (right - left) * i / n, bottom - (bottom - top) * (v - low) / span
+
+        window = max(1, len(values) // 20)
+        smooth = [sum(values[max(0, i - window + 1): i + 1]) / len(values[max(0, i - window + 1): i + 1])
+                  for i in range(len(values))]
+        if len(values) > 1:
+            draw.line([point(i, v) for i, v in enumerate(values)], fill=(160, 190, 230), width=1)
+            draw.line([point(i, v) for i, v in enumerate(smooth)], fill=(20, 60, 160), width=2)
+        draw.text((4, top), f"{high:.3g}", fill="black")
+        draw.text((4, bottom - 10), f"{low:.3g}", fill="black")
+        draw.text((left, bottom + 8), "step 1", fill="black")
+        draw.text((right - 60, bottom + 8), f"step {len(values)}", fill="black")
+    image.save(path)
+    return path

@@ -1,0 +1,217 @@
+"""The one training loop, shared by every objective (`python -m train prior|decoder`).
+
+It reads top to bottom like the diffusers example scripts, minus everything model-specific: it
+never sees noise, timesteps or targets. An *objective* (train/prior.py, train/decoder.py) provides
+those through the small interface below; the loop owns accelerate, data order, optimisation, EMA,
+checkpoints, trackers, validation timing and the end-of-run files.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from typing import Any, Protocol
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import ProjectConfiguration, set_seed
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
+from tqdm.auto import tqdm
+
+from precompute import reader
+
+from .checkpoints import find_checkpoint, load_train_state, register_checkpoint_hooks, resolve_seed, save_checkpoint
+from .config import TrainConfig
+from .data import CacheSource, Collate, SampleTransform, build_loader, resolve_source
+from .export import draw_loss_curve
+from .trackers import resolve_trackers, tracker_config
+
+logger = logging.getLogger(__name__)
+
+
+class Refused(Exception):
+    """The job cannot start (bad cache, model mismatch, missing package): raised before step 1."""
+
+
+class Objective(Protocol):
+    """What an objective gives the loop. `model` is the diffusers model that is saved and exported."""
+
+    name: str  # the command, e.g. "prior"
+    config_class: type  # its TrainConfig subclass (what `python -m train <name>` parses)
+    model_class: type  # e.g. PriorTransformer (for EMA and checkpoint loading)
+    model_subfolder: str  # e.g. "prior": its folder in checkpoints and in the exported pipeline
+    members: tuple[str, ...]  # shard members the training batches need (others are not even read)
+
+    def load_model(self) -> torch.nn.Module: ...  # the trainee, fp32, in train mode
+
+    def check_manifest(self, manifest: dict, model: torch.nn.Module) -> None: ...  # raise ValueError on mismatch
+
+    def setup(self, model: torch.nn.Module, source: CacheSource, device: torch.device) -> None: ...
+
+    def train_module(self, model: torch.nn.Module) -> torch.nn.Module: ...  # what accelerate prepares
+
+    def sample_transform(self) -> SampleTransform: ...  # picklable, runs in DataLoader workers
+
+    def collate(self) -> Collate: ...  # picklable, runs in DataLoader workers
+
+    def loss(self, module: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor: ...
+
+    def validate(self, model: torch.nn.Module, step: int, accelerator: Accelerator) -> dict[str, float]: ...
+
+    def export(self, model: torch.nn.Module, output_dir: str, summary: dict) -> None: ...
+
+
+def train(config: TrainConfig, objective: Objective) -> dict[str, Any]:
+    """Run (or resume) one training job; returns a summary (losses per step, final validation, ...)."""
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    accelerator = Accelerator(
+        cpu=launched > 1 and not torch.cuda.is_available(),  # torchrun without GPUs: join a gloo group
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        mixed_precision=config.mixed_precision,
+        log_with=resolve_trackers(config.report_to) or None,
+        project_config=ProjectConfiguration(project_dir=config.output_dir,
+                                            logging_dir=os.path.join(config.output_dir, config.logging_dir)),
+    )
+    if accelerator.num_processes != launched:
+        raise Refused(f"launched as {launched} processes but accelerate runs {accelerator.num_processes}: each would "
+                      "train alone and overwrite the others' files")
+    try:  # everything that can refuse the job does so before step 1, with one message
+        resume_dir = find_checkpoint(config)
+        config.seed = resolve_seed(config, resume_dir)
+        set_seed(config.seed)
+        source = resolve_source(config.shards, config.manifest)
+        model = objective.load_model()
+        objective.check_manifest(source.manifest, model)
+        objective.setup(model, source, accelerator.device)
+    except (ValueError, OSError) as exc:
+        raise Refused(str(exc)) from exc
+    if accelerator.is_main_process:
+        os.makedirs(config.output_dir, exist_ok=True)
+    ema = None
+    if config.use_ema:
+        ema = EMAModel(model.parameters(), decay=config.ema_decay, model_cls=objective.model_class,
+                       model_config=model.config)
+    register_checkpoint_hooks(accelerator, objective, model, ema)
+
+    if config.allow_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+    world = accelerator.num_processes
+    learning_rate = config.learning_rate
+    if config.scale_lr:
+        learning_rate *= config.gradient_accumulation_steps * config.train_batch_size * world
+    try:
+        optimizer = make_optimizer(config, [p for p in model.parameters() if p.requires_grad], learning_rate)
+    except ImportError as exc:
+        raise Refused(str(exc)) from exc
+    num_samples = reader.split_count(source.manifest)
+    samples_per_step = config.train_batch_size * world * config.gradient_accumulation_steps
+    steps_per_epoch = math.ceil(num_samples / samples_per_step)
+    max_steps = config.max_train_steps or config.num_train_epochs * steps_per_epoch
+    # accelerate steps a prepared scheduler once per process at every optimisation step.
+    lr_scheduler = get_scheduler(config.lr_scheduler, optimizer=optimizer,
+                                 num_warmup_steps=config.lr_warmup_steps * world,
+                                 num_training_steps=max_steps * world)
+    module, optimizer, lr_scheduler = accelerator.prepare(objective.train_module(model), optimizer, lr_scheduler)
+    if ema is not None:
+        ema.to(accelerator.device)
+
+    global_step, losses, data_state = 0, [], None
+    if resume_dir is not None:
+        accelerator.print(f"Resuming from {resume_dir}")
+        global_step, losses, data_state = load_train_state(accelerator, resume_dir)
+    loader = build_loader(source, seed=config.seed, rank=accelerator.process_index, world_size=world,
+                          num_workers=config.dataloader_num_workers, batch_size=config.train_batch_size,
+                          shuffle_buffer=config.shuffle_buffer, members=objective.members,
+                          transform=objective.sample_transform(), collate=objective.collate(), state=data_state)
+    if accelerator.is_main_process:
+        accelerator.init_trackers(config.tracker_project_name, tracker_config(config))
+    accelerator.print(
+        f"***** {objective.name}: {num_samples} training samples, {samples_per_step} per step "
+        f"({config.train_batch_size} x {world} process(es) x {config.gradient_accumulation_steps} accumulation), "
+        f"{steps_per_epoch} steps per epoch, {max_steps} steps, starting at {global_step} *****"
+    )
+
+    progress = tqdm(total=max_steps, initial=global_step, desc="steps", disable=not accelerator.is_local_main_process)
+    history: list[tuple[int, dict]] = []
+    step_loss = 0.0
+    while global_step < max_steps:
+        batch = {k: v.to(accelerator.device, non_blocking=True) for k, v in next(loader).items()}
+        with accelerator.accumulate(module):
+            loss = objective.loss(module, batch)
+            step_loss += accelerator.gather(loss.detach()).mean().item() / config.gradient_accumulation_steps
+            accelerator.backward(loss)
+            if accelerator.sync_gradients:
+                accelerator.clip_grad_norm_(module.parameters(), config.max_grad_norm)
+            optimizer.step()
+            lr_scheduler.step()
+            optimizer.zero_grad()
+        if not accelerator.sync_gradients:
+            continue
+
+        if ema is not None:
+            ema.step(model.parameters())
+        global_step += 1
+        losses.append(step_loss)
+        lr = lr_scheduler.get_last_lr()[0]
+        accelerator.log({"train_loss": step_loss, "lr": lr, "epoch": global_step / steps_per_epoch}, step=global_step)
+        progress.update(1)
+        progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}")
+        step_loss = 0.0
+
+        if global_step % config.checkpointing_steps == 0:
+            save_checkpoint(accelerator, config, global_step, losses, loader)
+        if config.validation_steps and global_step % config.validation_steps == 0 and global_step < max_steps:
+            history.append((global_step, validate(accelerator, objective, model, ema, global_step)))
+    progress.close()
+    loader.close()
+
+    accelerator.wait_for_everyone()
+    if ema is not None:
+        ema.copy_to(model.parameters())  # from here on the model holds the EMA weights (validated, exported)
+    summary = {"global_step": global_step, "losses": losses, "final_loss": losses[-1] if losses else None,
+               "num_processes": world, "steps_per_epoch": steps_per_epoch, "seed": config.seed,
+               "learning_rate": learning_rate,
+               "output_dir": config.output_dir, "history": history, "validation": {}}
+    if config.validation_steps:
+        summary["validation"] = validate(accelerator, objective, model, None, global_step)
+        history.append((global_step, summary["validation"]))
+    if accelerator.is_main_process:
+        draw_loss_curve(losses, os.path.join(config.output_dir, "loss_curve.png"), f"{objective.name} training loss")
+        config.save(config.output_dir)
+        objective.export(accelerator.unwrap_model(model), config.output_dir, summary)
+        accelerator.print(f"Saved the {objective.name} pipeline to {config.output_dir}")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return summary
+
+
+def validate(accelerator: Accelerator, objective: Objective, model, ema, step: int) -> dict[str, float]:
+    """Run the objective's validation on the main process (EMA weights if any); log and print it."""
+    metrics: dict[str, float] = {}
+    if accelerator.is_main_process:
+        if ema is not None:
+            ema.store(model.parameters())
+            ema.copy_to(model.parameters())
+        metrics = objective.validate(model, step, accelerator)
+        if ema is not None:
+            ema.restore(model.parameters())
+        if metrics:
+            accelerator.log(metrics, step=step)
+            accelerator.print(f"validation @ step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+    accelerator.wait_for_everyone()
+    return metrics
+
+
+def make_optimizer(config: TrainConfig, params: list, learning_rate: float) -> torch.optim.Optimizer:
+    if config.use_8bit_adam:
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise ImportError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes") from None
+        optimizer_class = bnb.optim.AdamW8bit
+    else:
+        optimizer_class = torch.optim.AdamW
+    return optimizer_class(params, lr=learning_rate, betas=(config.adam_beta1, config.adam_beta2),
+                           weight_decay=config.adam_weight_decay, eps=config.adam_epsilon)

@@ -1,0 +1,241 @@
+"""The prior objective: the reference prior training step, fed from cached text and image embeddings.
+
+`training_loss` is the math of diffusers' `train_text_to_image_prior.py`, as a pure function; the
+`PriorObjective` class is everything else the shared loop (train/loop.py) asks of an objective:
+load the trainee, check the cache against it, build batches, draw noise, validate and export.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import numpy as np
+import torch
+from diffusers import DDPMScheduler, PriorTransformer
+
+from precompute import format as fmt
+from precompute import reader
+
+from .config import PriorTrainConfig
+from .data import CacheSource, load_validation
+from .export import export_pipeline, write_model_card
+from .prior_trim import TrimmedPrior, pad_to_longest
+from .snr import diffusion_mse
+
+logger = logging.getLogger(__name__)
+
+PRIOR_SUBFOLDER = "prior"
+FROZEN_COMPONENTS = ("text_encoder", "image_encoder", "tokenizer", "image_processor", "scheduler")
+TRAIN_MEMBERS = (fmt.TEXT_EMBEDS, fmt.TEXT_HIDDEN, fmt.TEXT_LENGTHS, fmt.IMAGE_EMBEDS)
+
+
+class ManifestMismatch(ValueError):
+    """The cache was not made for this model (or not for the prior)."""
+
+
+def make_noise_scheduler() -> DDPMScheduler:
+    """The reference prior's training scheduler, hard-coded there (the folder's UnCLIPScheduler samples)."""
+    return DDPMScheduler(beta_schedule="squaredcos_cap_v2", prediction_type="sample")
+
+
+def training_loss(
+    prior: torch.nn.Module,
+    batch: dict[str, torch.Tensor],
+    noise_scheduler: DDPMScheduler,
+    *,
+    noise: torch.Tensor,
+    timesteps: torch.Tensor,
+    snr_gamma: float | None = None,
+    clip_mean: torch.Tensor,
+    clip_std: torch.Tensor,
+) -> torch.Tensor:
+    """The reference prior loss on one collated cache batch.
+
+    `batch`: `image_embeds` [B, E] (raw CLIP), `text_embeds` [B, E], `text_hidden` [B, L, H] and
+    `text_mask` [B, L] bool (L = 77, or the longest caption when `prior` is a trimming `TrimmedPrior`).
+    `noise` [B, E] and `timesteps` [B] are given so that tests can replay a step; `clip_mean`/`clip_std`
+    [1, E] are the prior's own statistics cloned before training, as in the reference.
+    `prior` is a `PriorTransformer` or a `TrimmedPrior` (which returns the prediction directly).
+    """
+    dtype = clip_mean.dtype
+    image_embeds = batch["image_embeds"].to(dtype)  # [B, E]
+    image_embeds = (image_embeds - clip_mean) / clip_std  # [B, E] normalised: the x0 target
+    noisy_image_embeds = noise_scheduler.add_noise(image_embeds, noise.to(dtype), timesteps)  # [B, E]
+    out = prior(
+        noisy_image_embeds,
+        timestep=timesteps,
+        proj_embedding=batch["text_embeds"].to(dtype),  # [B, E]
+        encoder_hidden_states=batch["text_hidden"].to(dtype),  # [B, L, H]
+        attention_mask=batch["text_mask"],  # [B, L]
+    )
+    model_pred = getattr(out, "predicted_image_embedding", out)  # [B, E]
+    return diffusion_mse(model_pred, image_embeds, timesteps, noise_scheduler, snr_gamma)
+
+
+class PriorSampleTransform:
+    """Per sample: draw one caption uniformly and, with probability `text_dropout`, blank it.
+
+    Blanking uses the cached encodings of the empty caption "" (what the pipeline's unconditional
+    branch sees). Both draws happen for every sample, so the RNG stream never depends on `text_dropout`.
+    """
+
+    def __init__(self, text_dropout: float = 0.0, empty_text: dict[str, np.ndarray] | None = None):
+        if text_dropout > 0 and empty_text is None:
+            raise ValueError("--text_dropout needs the empty-caption encodings of the manifest")
+        self.text_dropout, self.empty_text = text_dropout, empty_text
+
+    def __call__(self, sample: dict, rng: np.random.Generator) -> dict:
+        lengths = sample[fmt.TEXT_LENGTHS]  # [C]
+        if len(lengths) == 0:
+            raise fmt.FormatError(f"sample {sample.get('__key__')} has no caption")
+        choice = int(rng.integers(len(lengths)))
+        drop = bool(rng.random() < self.text_dropout)
+        image_embeds = sample[fmt.IMAGE_EMBEDS]  # [E]
+        if drop:
+            dtype = sample[fmt.TEXT_EMBEDS].dtype
+            text_embeds = self.empty_text["text_embeds"].astype(dtype)  # [E]
+            text_hidden = self.empty_text["text_hidden"].astype(dtype)  # [L0, H]
+        else:
+            text_embeds = sample[fmt.TEXT_EMBEDS][choice]  # [E]
+            text_hidden = fmt.split_hidden(sample[fmt.TEXT_HIDDEN], lengths)[choice]  # [L, H]
+        return {"image_embeds": image_embeds, "text_embeds": text_embeds, "text_hidden": text_hidden}
+
+
+class PriorCollate:
+    """Stack samples; pad `text_hidden` back with zeros to 77 tokens (or the longest) and rebuild the mask.
+
+    Zeros are exact: padded positions are masked out of every attention read (see train/prior_trim.py).
+    """
+
+    def __init__(self, max_length: int = 77, pad_to_longest: bool = False):
+        self.max_length, self.pad_to_longest = max_length, pad_to_longest
+
+    def __call__(self, samples: list[dict]) -> dict[str, torch.Tensor]:
+        hidden = [s["text_hidden"] for s in samples]
+        longest = max(h.shape[0] for h in hidden)
+        if longest > self.max_length:
+            raise fmt.FormatError(f"a caption has {longest} tokens > {self.max_length}")
+        text_hidden, text_mask = pad_to_longest(hidden, None if self.pad_to_longest else self.max_length)
+        return {
+            "image_embeds": torch.from_numpy(np.stack([s["image_embeds"] for s in samples])),  # [B, E]
+            "text_embeds": torch.from_numpy(np.stack([s["text_embeds"] for s in samples])),  # [B, E]
+            "text_hidden": text_hidden,  # [B, L, H]
+            "text_mask": text_mask,  # [B, L] bool
+        }
+
+
+def check_manifest(manifest: dict, prior: PriorTransformer) -> None:
+    """Refuse, with one message listing every problem, a cache that cannot train this prior."""
+    fmt.check_manifest(manifest)
+    problems = []
+    members = manifest.get("members") or fmt.ENCODE_MEMBERS.get(manifest.get("encode"), ())
+    missing = [m for m in fmt.PRIOR_MEMBERS if m not in members]
+    if missing:
+        problems.append(f"the shards lack the prior members {missing} (encode={manifest.get('encode')!r}; "
+                        "re-run precompute with --encode prior or all)")
+    shapes, config = manifest.get("shapes", {}), prior.config
+    if shapes.get("embedding_dim") != config.embedding_dim:
+        problems.append(f"embedding_dim {shapes.get('embedding_dim')} != prior embedding_dim {config.embedding_dim}")
+    if shapes.get("text_hidden_size") != config.embedding_dim:
+        problems.append(f"text_hidden_size {shapes.get('text_hidden_size')} != prior embedding_dim "
+                        f"{config.embedding_dim} (the prior projects text hidden states from embedding_dim)")
+    if shapes.get("max_length") != config.num_embeddings:
+        problems.append(f"{shapes.get('max_length')} text tokens != prior num_embeddings {config.num_embeddings}")
+    if reader.split_count(manifest, fmt.TRAIN_SPLIT) == 0:
+        problems.append("the cache has no training samples")
+    if problems:
+        raise ManifestMismatch("the cache does not fit this prior: " + "; ".join(problems))
+
+
+class PriorObjective:
+    """What the shared loop needs for `python -m train prior` (see train/loop.py `Objective`)."""
+
+    name = "prior"
+    config_class = PriorTrainConfig
+    model_class = PriorTransformer
+    model_subfolder = PRIOR_SUBFOLDER
+    members = TRAIN_MEMBERS
+
+    def __init__(self, config: PriorTrainConfig):
+        self.config = config
+        self.noise_scheduler = make_noise_scheduler()
+        self.clip_mean = self.clip_std = None
+        self.empty_text: dict[str, np.ndarray] | None = None
+        self.validation = None
+
+    def load_model(self) -> PriorTransformer:
+        prior = PriorTransformer.from_pretrained(self.config.pretrained_prior_model_name_or_path,
+                                                 subfolder=PRIOR_SUBFOLDER)
+        # Used only to (de)normalise, never in forward: trainable they would stall DDP's gradient reduction.
+        prior.clip_mean.requires_grad_(False)
+        prior.clip_std.requires_grad_(False)
+        return prior.train()
+
+    def check_manifest(self, manifest: dict, model: PriorTransformer) -> None:
+        check_manifest(manifest, model)
+
+    def setup(self, model: PriorTransformer, source: CacheSource, device: torch.device) -> None:
+        """Clone clip_mean/clip_std before training (as the reference) and read the held-out data."""
+        self.clip_mean = model.clip_mean.detach().clone().float().to(device)  # [1, E]
+        self.clip_std = model.clip_std.detach().clone().float().to(device)  # [1, E]
+        self.empty_text = reader.unconditional_text(source.manifest)
+        from .prior_validation import PriorValidation
+
+        if self.config.validation_steps:
+            held_out = load_validation(source, TRAIN_MEMBERS + (fmt.CAPTIONS,), self.config.validation_samples)
+            self.validation = PriorValidation(self.config, source.manifest, held_out, self.empty_text)
+
+    def train_module(self, model: PriorTransformer) -> torch.nn.Module:
+        """What accelerate prepares: the prior behind one forward (trimmed and/or checkpointed if asked)."""
+        if self.config.trim_padding or self.config.gradient_checkpointing:
+            return TrimmedPrior(model, trim_padding=self.config.trim_padding,
+                                gradient_checkpointing=self.config.gradient_checkpointing)
+        return model
+
+    def sample_transform(self) -> PriorSampleTransform:
+        return PriorSampleTransform(self.config.text_dropout, self.empty_text)
+
+    def collate(self) -> PriorCollate:
+        return PriorCollate(pad_to_longest=self.config.trim_padding)
+
+    def loss(self, module: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Draw noise and timesteps (global torch RNG, restored on resume) and return the loss."""
+        image_embeds = batch["image_embeds"]  # [B, E]
+        noise = torch.randn(image_embeds.shape, device=image_embeds.device)  # [B, E]
+        timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (image_embeds.shape[0],),
+                                  device=image_embeds.device).long()  # [B]
+        return training_loss(module, batch, self.noise_scheduler, noise=noise, timesteps=timesteps,
+                             snr_gamma=self.config.snr_gamma, clip_mean=self.clip_mean, clip_std=self.clip_std)
+
+    def validate(self, model: PriorTransformer, step: int, accelerator) -> dict[str, float]:
+        if self.validation is None:
+            return {}
+        return self.validation.run(model, step, accelerator)
+
+    def export(self, model: PriorTransformer, output_dir: str, summary: dict) -> None:
+        """A complete KandinskyV22PriorPipeline folder: trained prior + the base's frozen files."""
+        export_pipeline(self.config.pretrained_prior_model_name_or_path, output_dir, {PRIOR_SUBFOLDER: model},
+                        FROZEN_COMPONENTS)
+        write_model_card(
+            output_dir,
+            base_model=self.config.pretrained_prior_model_name_or_path,
+            title="Kandinsky 2.2 prior fine-tuned from an embedding cache",
+            usage=_USAGE.format(path=os.path.abspath(output_dir)),
+            config=self.config,
+            summary=summary,
+        )
+
+
+_USAGE = """```python
+from diffusers import AutoPipelineForText2Image, KandinskyV22PriorPipeline
+
+prior = KandinskyV22PriorPipeline.from_pretrained("{path}")
+pipe = AutoPipelineForText2Image.from_pretrained(
+    "kandinsky-community/kandinsky-2-2-decoder", prior_prior=prior.prior,
+    prior_text_encoder=prior.text_encoder, prior_tokenizer=prior.tokenizer,
+    prior_image_encoder=prior.image_encoder, prior_image_processor=prior.image_processor,
+    prior_scheduler=prior.scheduler,
+)
+image = pipe("a red circle on a blue background").images[0]
+```"""

@@ -1,0 +1,153 @@
+"""Validate the prior without any encoder: sample image embeddings from cached text encodings.
+
+Held-out samples (the cache's validation split) give their first caption's cached encodings and
+their true image embedding. Three numbers, all mean cosine similarities over held-out samples:
+
+- `val/cos_pred_true`: sampled embedding vs the true one; what training should raise;
+- `val/cos_mean_true`: baseline, the mean of the *other* held-out embeddings vs the true one (what a
+  prior that ignores the caption can reach at best);
+- `val/cos_pred_unrelated`: sampled embedding vs another sample's true embedding (rolled by one);
+  close to `cos_pred_true` means the caption is not being used.
+
+Cached `--validation_prompts` (encoded by precompute) are sampled too; each is printed with the
+held-out caption whose true embedding is nearest, and the embeddings are saved as .npy.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import PriorTransformer, UnCLIPScheduler
+from diffusers.utils.torch_utils import randn_tensor
+
+from precompute import format as fmt
+from precompute import reader
+
+from .prior_trim import pad_to_longest
+
+logger = logging.getLogger(__name__)
+
+
+@torch.no_grad()
+def sample_image_embeds(
+    prior: PriorTransformer,
+    scheduler: UnCLIPScheduler,
+    cond: dict[str, torch.Tensor],
+    *,
+    num_inference_steps: int,
+    guidance_scale: float = 1.0,
+    uncond: dict[str, torch.Tensor] | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """The denoising loop of `KandinskyV22PriorPipeline.__call__`, from text encodings instead of prompts.
+
+    `cond` (and `uncond`, needed when guidance_scale > 1) hold `text_embeds` [B, E], `text_hidden`
+    [B, 77, H] and `text_mask` [B, 77]. Returns raw (de-normalised) image embeddings [B, E].
+    """
+    device, dtype = prior.device, prior.dtype
+    guided = guidance_scale > 1.0
+    if guided and uncond is None:
+        raise ValueError("guidance_scale > 1 needs the unconditional text encodings")
+    parts = [uncond, cond] if guided else [cond]
+    text_embeds = torch.cat([p["text_embeds"] for p in parts]).to(device, dtype)  # [(2)B, E]
+    text_hidden = torch.cat([p["text_hidden"] for p in parts]).to(device, dtype)  # [(2)B, 77, H]
+    text_mask = torch.cat([p["text_mask"] for p in parts]).to(device)  # [(2)B, 77]
+    batch_size = cond["text_embeds"].shape[0]
+
+    scheduler.set_timesteps(num_inference_steps, device=device)
+    timesteps = scheduler.timesteps
+    latents = randn_tensor((batch_size, prior.config.embedding_dim), generator=generator, device=device, dtype=dtype)
+    latents = latents * scheduler.init_noise_sigma  # [B, E]
+    for i, t in enumerate(timesteps):
+        model_input = torch.cat([latents] * 2) if guided else latents  # [(2)B, E]
+        pred = prior(model_input, timestep=t, proj_embedding=text_embeds, encoder_hidden_states=text_hidden,
+                     attention_mask=text_mask).predicted_image_embedding  # [(2)B, E]
+        if guided:
+            pred_uncond, pred_text = pred.chunk(2)
+            pred = pred_uncond + guidance_scale * (pred_text - pred_uncond)  # [B, E]
+        prev_timestep = None if i + 1 == len(timesteps) else timesteps[i + 1]
+        latents = scheduler.step(pred, timestep=t, sample=latents, generator=generator,
+                                 prev_timestep=prev_timestep).prev_sample  # [B, E]
+    return prior.post_process_latents(latents)  # [B, E]
+
+
+def embedding_metrics(pred: torch.Tensor, true: torch.Tensor) -> dict[str, float]:
+    """Mean cosines: prediction vs truth, leave-one-out mean vs truth, prediction vs another truth."""
+    pred, true = pred.float(), true.float()  # [N, E]
+    n = true.shape[0]
+    metrics = {"val/cos_pred_true": F.cosine_similarity(pred, true).mean().item()}
+    if n > 1:
+        others_mean = (true.sum(0, keepdim=True) - true) / (n - 1)  # [N, E] mean of the other samples
+        metrics["val/cos_mean_true"] = F.cosine_similarity(others_mean, true).mean().item()
+        metrics["val/cos_pred_unrelated"] = F.cosine_similarity(pred, true.roll(1, dims=0)).mean().item()
+    return metrics
+
+
+def _encodings(items: list[dict], max_length: int = 77) -> dict[str, torch.Tensor]:
+    """Cached text encodings ({text_embeds [E], text_hidden [L, H]}) as a 77-padded prior batch."""
+    text_hidden, text_mask = pad_to_longest([item["text_hidden"] for item in items], max_length)  # [N, 77, H]
+    text_embeds = torch.from_numpy(np.stack([item["text_embeds"] for item in items]))  # [N, E]
+    return {"text_embeds": text_embeds, "text_hidden": text_hidden, "text_mask": text_mask}
+
+
+class PriorValidation:
+    """Held-out data and prompts prepared once; `run` samples and scores them."""
+
+    def __init__(self, config, manifest: dict, held_out: list[dict], empty_text: dict[str, np.ndarray]):
+        self.config = config
+        self.scheduler = UnCLIPScheduler.from_pretrained(config.pretrained_prior_model_name_or_path,
+                                                         subfolder="scheduler")
+        first = [{"text_embeds": s[fmt.TEXT_EMBEDS][0],
+                  "text_hidden": fmt.split_hidden(s[fmt.TEXT_HIDDEN], s[fmt.TEXT_LENGTHS])[0]} for s in held_out]
+        self.captions = [s[fmt.CAPTIONS][0] if fmt.CAPTIONS in s else "" for s in held_out]
+        self.held_out = _encodings(first) if first else None
+        self.true = torch.from_numpy(np.stack([s[fmt.IMAGE_EMBEDS] for s in held_out])).float() if first else None
+        prompts = reader.validation_prompts(manifest)
+        if config.validation_prompts is not None:
+            known = {p["prompt"]: p for p in prompts}
+            unknown = [p for p in config.validation_prompts if p not in known]
+            if unknown:
+                raise ValueError(f"--validation_prompts {unknown} were not encoded by precompute (the manifest has "
+                                 f"{sorted(known)}); re-run precompute with them in its --validation_prompts")
+            prompts = [known[p] for p in config.validation_prompts]
+        self.prompt_texts = [p["prompt"] for p in prompts]
+        self.prompts = _encodings(prompts) if prompts else None
+        self.empty_text = empty_text
+
+    def _uncond(self, n: int) -> dict[str, torch.Tensor]:
+        return _encodings([self.empty_text] * n)
+
+    def _sample(self, prior: PriorTransformer, cond: dict[str, torch.Tensor]) -> torch.Tensor:
+        n = cond["text_embeds"].shape[0]
+        generator = torch.Generator().manual_seed(self.config.seed or 0)  # never the global RNG
+        return sample_image_embeds(prior, self.scheduler, cond, num_inference_steps=self.config.validation_inference_steps,
+                                   guidance_scale=self.config.validation_guidance_scale, uncond=self._uncond(n),
+                                   generator=generator).float().cpu()
+
+    def run(self, prior: PriorTransformer, step: int, accelerator) -> dict[str, float]:
+        was_training = prior.training
+        prior.eval()
+        metrics: dict[str, float] = {}
+        with accelerator.autocast():
+            if self.held_out is not None:
+                metrics.update(embedding_metrics(self._sample(prior, self.held_out), self.true))
+            if self.prompts is not None:
+                embeds = self._sample(prior, self.prompts)  # [P, E]
+                self._report_prompts(embeds, step)
+        prior.train(was_training)
+        return metrics
+
+    def _report_prompts(self, embeds: torch.Tensor, step: int) -> None:
+        folder = os.path.join(self.config.output_dir, "validation")
+        os.makedirs(folder, exist_ok=True)
+        np.save(os.path.join(folder, f"prompt_image_embeds-{step:06d}.npy"), embeds.numpy(), allow_pickle=False)
+        if self.true is None:
+            return
+        cos = F.cosine_similarity(embeds[:, None, :], self.true[None, :, :], dim=-1)  # [P, N]
+        for prompt, row in zip(self.prompt_texts, cos):
+            j = int(row.argmax())
+            print(f"  step {step}: {prompt!r} -> nearest held-out {self.captions[j]!r} (cos {row[j]:.3f})")
