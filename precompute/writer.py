@@ -146,10 +146,11 @@ class CacheWriter:
             state.shards.append({"name": name, "split": split, "count": writer.count,
                                  "bytes": handle.size, "sha256": handle.sha256.hexdigest()})
 
-        # encoder=False: members are already bytes; mtime=0 makes the tars reproducible.
+        # encoder=False: members are already bytes. mtime=0 (an int) makes the tars reproducible; a float
+        # mtime would add a PAX header to every member, roughly doubling small records and their parse time.
         state.writers[split] = wds.ShardWriter(
             pattern, maxcount=self.samples_per_shard, maxsize=float("inf"), post=post, opener=opener,
-            verbose=0, encoder=False, mtime=0.0,
+            verbose=0, encoder=False, mtime=0,
         )
         return state.writers[split]
 

@@ -1,22 +1,41 @@
 #!/usr/bin/env bash
 # End to end on the built-in tiny default, on CPU, in a few minutes:
-# tiny random-weight models + sample data -> precompute -> inspect the cache.
+# tiny random-weight models + sample data -> precompute -> train prior -> train decoder
+# -> one image from a prompt through diffusers' AutoPipelineForText2Image with both trained parts.
 # Everything lands in ${DEMO_DIR:-demo_out}/.
 source "$(dirname "$0")/_env.sh"
 OUT="${DEMO_DIR:-demo_out}"
 mkdir -p "$OUT"
-echo "== 1/3 tiny models and sample data"
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"  # tiny models: threads cost more than they give
+echo "== 1/5 tiny models and sample data"
 "$PY" scripts/make_tiny_models.py --size tiny --out "$OUT/models"
-"$PY" scripts/make_sample_data.py --out "$OUT/data"
-echo "== 2/3 precompute (CLIP text + CLIP vision + MoVQ, once)"
+"$PY" scripts/make_sample_data.py --out "$OUT/data" --num_images 256
+echo "== 2/5 precompute (CLIP text + CLIP vision + MoVQ, once)"
 "$PY" -m precompute \
   --pretrained_prior_model_name_or_path "$OUT/models/prior" \
   --pretrained_decoder_model_name_or_path "$OUT/models/decoder" \
   --train_data_dir "$OUT/data/imagefolder" \
-  --output_dir "$OUT/cache" --resolution 64 --samples_per_shard 16 --holdout_samples 8 \
-  --batch_size 16 --num_workers 2 \
+  --output_dir "$OUT/cache" --resolution 64 --samples_per_shard 32 --holdout_samples 32 \
+  --batch_size 32 --num_workers 2 \
   --validation_prompts "a red circle on a blue background" "a yellow square on a black background"
-echo "== 3/3 inspect the cache"
 "$PY" scripts/inspect_cache.py "$OUT/cache"
+echo "== 3/5 train the prior from the cache (no CLIP loaded)"
+"$PY" -m train prior --shards "$OUT/cache" --output_dir "$OUT/prior-ft" \
+  --pretrained_prior_model_name_or_path "$OUT/models/prior" \
+  --train_batch_size 32 --learning_rate 1e-3 --lr_warmup_steps 0 --use_ema --max_train_steps 300 \
+  --validation_steps 150 --checkpointing_steps 150 --checkpoints_total_limit 1 --seed 0 --report_to none
+echo "== 4/5 train the decoder from the cache (no CLIP, no MoVQ encoder loaded)"
+"$PY" -m train decoder --shards "$OUT/cache" --output_dir "$OUT/decoder-ft" \
+  --pretrained_decoder_model_name_or_path "$OUT/models/decoder" \
+  --pretrained_prior_model_name_or_path "$(cd "$OUT" && pwd)/prior-ft" --resolution 64 \
+  --train_batch_size 16 --learning_rate 1e-3 --lr_warmup_steps 0 --max_train_steps 100 \
+  --validation_steps 100 --checkpointing_steps 100 --checkpoints_total_limit 1 --seed 0 --report_to none
+echo "== 5/5 generate with AutoPipelineForText2Image (trained prior + trained decoder)"
+"$PY" scripts/generate.py "$OUT/decoder-ft" "a red circle on a blue background" --out "$OUT/generated.png"
 echo
-echo "models: $OUT/models   sample data: $OUT/data   cache: $OUT/cache (manifest.json + shards)"
+echo "models:        $OUT/models"
+echo "sample data:   $OUT/data"
+echo "cache:         $OUT/cache (manifest.json + shards)"
+echo "prior:         $OUT/prior-ft (KandinskyV22PriorPipeline folder, loss_curve.png)"
+echo "decoder:       $OUT/decoder-ft (KandinskyV22Pipeline folder, validation grids, loss_curve.png)"
+echo "image:         $OUT/generated.png"

@@ -42,23 +42,24 @@ def probe_run(train_prior, cache, out, *flags):
 
 @pytest.fixture(scope="module")
 def plain(train_prior, tiny_cache, tmp_path_factory):
-    return probe_run(train_prior, tiny_cache, tmp_path_factory.mktemp("plain"))
+    return probe_run(train_prior, tiny_cache, tmp_path_factory.mktemp("plain"), "--no_trim_padding")
 
 
 def test_gradient_checkpointing_recomputes_blocks_and_keeps_the_losses(train_prior, tiny_cache, tmp_path, plain):
-    losses, calls, _ = probe_run(train_prior, tiny_cache, tmp_path, "--gradient_checkpointing")
+    losses, calls, _ = probe_run(train_prior, tiny_cache, tmp_path, "--gradient_checkpointing",
+                                 "--no_trim_padding")
     assert calls == 2 * plain[1]  # every block forward is run again in the backward pass
     assert all(math.isclose(a, b, rel_tol=1e-5) for a, b in zip(losses, plain[0], strict=True))
 
 
 def test_trim_padding_runs_shorter_batches_with_the_same_losses(train_prior, tiny_cache, tmp_path, plain):
-    losses, _, widths = probe_run(train_prior, tiny_cache, tmp_path, "--trim_padding")
+    losses, _, widths = probe_run(train_prior, tiny_cache, tmp_path)  # trimming is the default
     assert set(plain[2]) == {77} and max(widths) < 77
     assert all(math.isclose(a, b, rel_tol=1e-4) for a, b in zip(losses, plain[0], strict=True))
 
 
 def test_bf16_autocast_trains(train_prior, tiny_cache, tmp_path, plain):
-    losses, _, _ = probe_run(train_prior, tiny_cache, tmp_path, "--mixed_precision", "bf16")
+    losses, _, _ = probe_run(train_prior, tiny_cache, tmp_path, "--mixed_precision", "bf16", "--no_trim_padding")
     assert all(math.isfinite(x) for x in losses) and losses != plain[0]  # autocast really ran
     assert all(math.isclose(a, b, rel_tol=2e-2) for a, b in zip(losses, plain[0]))
 
