@@ -15,7 +15,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from diffusers import DDPMScheduler, PriorTransformer  # noqa: E402
 
-from train.prior_trim import TrimmedPrior, length_bucketed, pad_to_longest, trimmed_prior_forward  # noqa: E402
+from train.data import length_bucketed  # noqa: E402
+from train.prior_trim import TrimmedPrior, pad_to_longest, trimmed_prior_forward  # noqa: E402
 
 TEXT_POSITIONS = 77  # the tokenizer's model_max_length = the prior's num_embeddings
 TINY = dict(num_attention_heads=2, attention_head_dim=16, num_layers=2, embedding_dim=32)

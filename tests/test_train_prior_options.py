@@ -53,7 +53,8 @@ def test_gradient_checkpointing_recomputes_blocks_and_keeps_the_losses(train_pri
 
 
 def test_trim_padding_runs_shorter_batches_with_the_same_losses(train_prior, tiny_cache, tmp_path, plain):
-    losses, _, widths = probe_run(train_prior, tiny_cache, tmp_path)  # trimming is the default
+    # trimming is the default; same batches as the plain run (no length bucketing) so losses compare step by step
+    losses, _, widths = probe_run(train_prior, tiny_cache, tmp_path, "--length_bucket_batches", "0")
     assert set(plain[2]) == {77} and max(widths) < 77
     assert all(math.isclose(a, b, rel_tol=1e-4) for a, b in zip(losses, plain[0], strict=True))
 
@@ -99,3 +100,9 @@ def test_resume_from_checkpoint_names(tmp_path):
         resume("checkpoint-9")
     assert find_checkpoint(PriorTrainConfig(shards=["x"], output_dir=str(tmp_path / "new"),
                                             resume_from_checkpoint="latest")) is None
+
+
+def test_length_bucketing_narrows_trimmed_batches(train_prior, tiny_cache, tmp_path):
+    _, _, random_widths = probe_run(train_prior, tiny_cache, tmp_path / "random", "--length_bucket_batches", "0")
+    _, _, bucketed_widths = probe_run(train_prior, tiny_cache, tmp_path / "bucketed")  # the default: 8 batches
+    assert sum(bucketed_widths) < sum(random_widths)

@@ -175,6 +175,13 @@ class PriorTrainConfig(TrainConfig):
         metadata={"help": "Probability of replacing a caption's text encodings with the cached empty-caption "
                   "encodings (classifier-free guidance); the original prior used about 0.1-0.2."},
     )
+    length_bucket_batches: int = field(
+        default=8,
+        metadata={"help": "Length-aware batching for --trim_padding: consecutive windows of this many batches "
+                  "(from the shuffled stream) are sorted by caption length, cut into batches and the batches "
+                  "shuffled, so a batch holds captions of similar length and little padding is computed. Every "
+                  "sample is still seen once per epoch; 0 = plain random batches."},
+    )
     trim_padding: bool = field(
         default=True,
         metadata={"help": "Run the prior on the batch padded to its longest caption instead of 77 tokens: the "

@@ -17,9 +17,10 @@ import glob
 import logging
 import os
 import posixpath
-from collections.abc import Callable, Iterator
+import random
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import braceexpand
 import fsspec
@@ -36,6 +37,7 @@ logger = logging.getLogger(__name__)
 Handler = Callable[[Exception], bool]
 SampleTransform = Callable[[dict, np.random.Generator], dict]  # decoded sample, its own RNG -> sample
 Collate = Callable[[list[dict]], dict]  # transformed samples -> batch of tensors
+Sample = TypeVar("Sample")
 
 
 @dataclass(frozen=True)
@@ -168,13 +170,61 @@ def epoch_raw(shards: list[Shard], members: tuple[str, ...], bufsize: int, rng: 
             logger.warning("sample %d of this epoch is missing (a shard is shorter than its manifest count)", index)
 
 
+def length_bucketed(
+    samples: Iterable[Sample],
+    buffer_size: int,
+    batch_size: int,
+    key: Callable[[Sample], Any],
+    *,
+    seed: int | None = None,
+    drop_last: bool = False,
+) -> Iterator[list[Sample]]:
+    """Batches of similar caption length (`key`), drawn from consecutive windows of the stream.
+
+    Each window of `buffer_size` samples (rounded down to whole batches) is shuffled, stably sorted
+    by `key` and cut into batches, and the window's batches are emitted in random order. What stays
+    random: which samples fill a window (the stream is shard- and sample-shuffled upstream), which
+    of the samples with equal length share a batch (the shuffle before the stable sort; typical
+    captions have only ~20 distinct lengths, so ties are the rule), and the order of batches. What
+    changes: a batch is length-homogeneous instead of a uniform draw from the window; over the
+    `buffer_size / batch_size` steps of a window the model sees exactly the same samples as with
+    random batching, and every sample appears exactly once. A webdataset stage:
+    `partial(length_bucketed, buffer_size=..., batch_size=..., key=...)`.
+    """
+    if batch_size < 1 or buffer_size < batch_size:
+        raise ValueError(f"need 1 <= batch_size <= buffer_size, got {batch_size}, {buffer_size}")
+    rng = random.Random(seed)
+    window = buffer_size - buffer_size % batch_size  # whole batches, so only the last one can be short
+    buffer: list[Sample] = []
+    for sample in samples:
+        buffer.append(sample)
+        if len(buffer) == window:
+            yield from _sorted_batches(buffer, batch_size, key, rng, drop_last)
+            buffer = []
+    if buffer:
+        yield from _sorted_batches(buffer, batch_size, key, rng, drop_last)
+
+
+def _sorted_batches(buffer: list, batch_size: int, key: Callable, rng: random.Random, drop_last: bool) -> list[list]:
+    rng.shuffle(buffer)  # random tie-break among equal lengths (sort is stable)
+    buffer.sort(key=key)
+    batches = [buffer[i : i + batch_size] for i in range(0, len(buffer), batch_size)]
+    if drop_last and len(batches[-1]) < batch_size:
+        batches.pop()
+    rng.shuffle(batches)
+    return batches
+
+
 class ShardStream(torch.utils.data.IterableDataset):
     """Endless batches for one process; each DataLoader worker is one slot (see module docstring)."""
 
     def __init__(self, shards: list[Shard], *, seed: int, rank: int, world_size: int, num_workers: int,
                  batch_size: int, shuffle_buffer: int, members: tuple[str, ...], transform: SampleTransform,
-                 collate: Collate, handler: Handler = wds.reraise_exception, state: dict | None = None):
+                 collate: Collate, handler: Handler = wds.reraise_exception, state: dict | None = None,
+                 bucketing: tuple[int, Callable[[dict], int]] | None = None):
         super().__init__()
+        # (batches per window, length key): length-aware batching, see `length_bucketed`.
+        self.bucketing = bucketing
         shards = [s for s in shards if s.count > 0]  # an empty shard would let a reader spin through epochs
         self.shards, self.seed, self.rank, self.world_size = shards, seed, rank, world_size
         self.num_workers = num_workers  # DataLoader workers (0 = read in the main process)
@@ -195,8 +245,12 @@ class ShardStream(torch.utils.data.IterableDataset):
         local = (worker + self.state["batches"]) % self.slots_per_process
         slot = self.rank * self.slots_per_process + local
         num_slots = self.world_size * self.slots_per_process
-        epoch, start = self.state["positions"].get(str(slot), (0, 0))
+        # A position is (epoch, k[, skip]): continue at sample k of `epoch`, first dropping `skip` batches of
+        # the length-bucketing window that starts there (it is rebuilt identically from the same samples).
+        epoch, start, skip = (list(self.state["positions"].get(str(slot), (0, 0))) + [0])[:3]
         batch: list[dict] = []
+        window: list[dict] = []
+        window_at = (epoch, start)
         while True:
             shards = epoch_shards(self.shards, self.seed, epoch, slot, num_slots)
             rng = np.random.default_rng([self.seed, epoch, slot])
@@ -207,13 +261,36 @@ class ShardStream(torch.utils.data.IterableDataset):
                     if self.handler(exc):
                         continue
                     raise
-                batch.append(self.transform(sample, np.random.default_rng([self.seed, epoch, slot, k])))
+                sample = self.transform(sample, np.random.default_rng([self.seed, epoch, slot, k]))
+                if self.bucketing is not None:
+                    if not window:
+                        window_at = (epoch, k)
+                    window.append(sample)
+                    if len(window) == self.bucketing[0] * self.batch_size:
+                        yield from self._bucketed(window, slot, window_at, (epoch, k + 1), skip)
+                        window, skip = [], 0
+                    continue
+                batch.append(sample)
                 if len(batch) == self.batch_size:
                     out = self.collate(batch)
                     out["__slot__"], out["__position__"] = slot, (epoch, k + 1)
                     yield out
                     batch = []
             epoch, start = epoch + 1, 0
+
+    def _bucketed(self, window: list[dict], slot: int, at: tuple[int, int], after: tuple[int, int],
+                  skip: int) -> Iterator[dict]:
+        """The window's length-sorted batches, in their shuffled order, each with its resume position."""
+        key = self.bucketing[1]
+        seed = f"{self.seed}-{at[0]}-{slot}-{at[1]}"  # the window's own seed: resumable without any RNG state
+        batches = list(length_bucketed(window, len(window), self.batch_size, key, seed=seed))
+        for i, samples in enumerate(batches):
+            if i < skip:
+                continue
+            out = self.collate(samples)
+            last = i == len(batches) - 1
+            out["__slot__"], out["__position__"] = slot, (*after, 0) if last else (*at, i + 1)
+            yield out
 
 
 class ResumableLoader:
@@ -236,7 +313,7 @@ class ResumableLoader:
             self._iter = iter(self.loader)
         batch = next(self._iter)
         slot, position = batch.pop("__slot__"), batch.pop("__position__")
-        self.state["positions"][str(int(slot))] = [int(position[0]), int(position[1])]
+        self.state["positions"][str(int(slot))] = [int(p) for p in position]
         self.state["batches"] += 1
         return batch
 
@@ -247,20 +324,23 @@ class ResumableLoader:
     def state_dict(self) -> dict[str, Any]:
         return {"positions": dict(self.state["positions"]), "batches": self.state["batches"],
                 **_layout(self.stream.seed, self.stream.world_size, self.stream.num_workers, self.stream.batch_size,
-                          self.stream.shuffle_buffer)}
+                          self.stream.shuffle_buffer, self.stream.bucketing)}
 
 
-def _layout(seed: int, world_size: int, num_workers: int, batch_size: int, shuffle_buffer: int) -> dict:
+def _layout(seed: int, world_size: int, num_workers: int, batch_size: int, shuffle_buffer: int,
+            bucketing: tuple | None) -> dict:
     return {"seed": seed, "world_size": world_size, "slots_per_process": max(num_workers, 1),
-            "batch_size": batch_size, "shuffle_buffer": shuffle_buffer}
+            "batch_size": batch_size, "shuffle_buffer": shuffle_buffer,
+            "bucket_batches": bucketing[0] if bucketing else 0}
 
 
 def build_loader(source: CacheSource, *, seed: int, rank: int, world_size: int, num_workers: int, batch_size: int,
                  shuffle_buffer: int, members: tuple[str, ...], transform: SampleTransform, collate: Collate,
-                 handler: Handler = wds.reraise_exception, state: dict | None = None) -> ResumableLoader:
+                 handler: Handler = wds.reraise_exception, state: dict | None = None,
+                 bucketing: tuple[int, Callable[[dict], int]] | None = None) -> ResumableLoader:
     """The training batches of this process; `state` is a previous `ResumableLoader.state_dict()`."""
     if state is not None:
-        layout = _layout(seed, world_size, num_workers, batch_size, shuffle_buffer)
+        layout = _layout(seed, world_size, num_workers, batch_size, shuffle_buffer, bucketing)
         changed = {k: (state.get(k), v) for k, v in layout.items() if state.get(k) != v}
         if changed:
             epoch = min((p[0] for p in state.get("positions", {}).values()), default=0)
@@ -270,7 +350,7 @@ def build_loader(source: CacheSource, *, seed: int, rank: int, world_size: int, 
             state = {"positions": {str(s): (epoch, 0) for s in range(slots)}, "batches": 0}
     stream = ShardStream(source.train, seed=seed, rank=rank, world_size=world_size, num_workers=num_workers,
                          batch_size=batch_size, shuffle_buffer=shuffle_buffer, members=members,
-                         transform=transform, collate=collate, handler=handler, state=state)
+                         transform=transform, collate=collate, handler=handler, state=state, bucketing=bucketing)
     return ResumableLoader(stream, seed)
 
 

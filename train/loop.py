@@ -124,7 +124,8 @@ def train(config: TrainConfig, objective: Objective) -> dict[str, Any]:
     loader = build_loader(source, seed=config.seed, rank=accelerator.process_index, world_size=world,
                           num_workers=config.dataloader_num_workers, batch_size=config.train_batch_size,
                           shuffle_buffer=config.shuffle_buffer, members=objective.members,
-                          transform=objective.sample_transform(), collate=objective.collate(), state=data_state)
+                          transform=objective.sample_transform(), collate=objective.collate(), state=data_state,
+                          bucketing=getattr(objective, "bucketing", lambda: None)())
     if accelerator.is_main_process:
         accelerator.init_trackers(config.tracker_project_name, tracker_config(config))
     accelerator.print(

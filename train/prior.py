@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -100,6 +101,11 @@ class PriorSampleTransform:
             text_embeds = sample[fmt.TEXT_EMBEDS][choice]  # [E]
             text_hidden = fmt.split_hidden(sample[fmt.TEXT_HIDDEN], lengths)[choice]  # [L, H]
         return {"image_embeds": image_embeds, "text_embeds": text_embeds, "text_hidden": text_hidden}
+
+
+def caption_length(sample: dict) -> int:
+    """Token count of a transformed sample's chosen caption (module level: picklable for workers)."""
+    return sample["text_hidden"].shape[0]
 
 
 class PriorCollate:
@@ -195,6 +201,12 @@ class PriorObjective:
 
     def sample_transform(self) -> PriorSampleTransform:
         return PriorSampleTransform(self.config.text_dropout, self.empty_text)
+
+    def bucketing(self) -> tuple[int, Callable[[dict], int]] | None:
+        """Length-aware batching pays only when batches are trimmed to their longest caption."""
+        if self.config.trim_padding and self.config.length_bucket_batches > 0:
+            return self.config.length_bucket_batches, caption_length
+        return None
 
     def collate(self) -> PriorCollate:
         return PriorCollate(pad_to_longest=self.config.trim_padding)

@@ -15,7 +15,7 @@ noisy image embedding and the prediction token. Padded text positions change not
 So for a batch padded to its longest caption L, running the L + 4 kept positions (with their own
 positional embeddings, text `0..L-1` and extra `77..80`, and the matching rows/columns of the causal
 mask) gives the same `predicted_image_embedding` and the same parameter gradients, for ~(L + 4) / 81
-of the per-layer work (less in attention). `length_bucketed` keeps L close to each caption's own length.
+of the per-layer work (less in attention). `train.data.length_bucketed` keeps L close to each caption's own length.
 
 DDP / accelerate: DDP's gradient hooks and accelerate's autocast hang on the *wrapped module's*
 `forward`, so calling `trimmed_prior_forward(ddp.module, ...)` would bypass them. Wrap
@@ -24,10 +24,8 @@ DDP / accelerate: DDP's gradient hooks and accelerate's autocast hang on the *wr
 
 from __future__ import annotations
 
-import random
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Sequence
 from functools import partial
-from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -36,7 +34,6 @@ import torch.utils.checkpoint
 from diffusers import PriorTransformer
 from torch import nn
 
-Sample = TypeVar("Sample")
 
 # diffusers' additive padding-mask value (see PriorTransformer.forward); mirrored, not tuned.
 PADDING_MASK_VALUE = -10000.0
@@ -220,48 +217,3 @@ def pad_to_longest(
         hidden = F.pad(hidden, (0, 0, 0, length - hidden.shape[1]))  # [B, length, H]
     mask = torch.arange(hidden.shape[1])[None, :] < lengths[:, None]  # [B, Lmax]
     return hidden, mask
-
-
-def length_bucketed(
-    samples: Iterable[Sample],
-    buffer_size: int,
-    batch_size: int,
-    key: Callable[[Sample], Any],
-    *,
-    seed: int | None = None,
-    drop_last: bool = False,
-) -> Iterator[list[Sample]]:
-    """Batches of similar caption length (`key`), drawn from consecutive windows of the stream.
-
-    Each window of `buffer_size` samples (rounded down to whole batches) is shuffled, stably sorted
-    by `key` and cut into batches, and the window's batches are emitted in random order. What stays
-    random: which samples fill a window (the stream is shard- and sample-shuffled upstream), which
-    of the samples with equal length share a batch (the shuffle before the stable sort; typical
-    captions have only ~20 distinct lengths, so ties are the rule), and the order of batches. What
-    changes: a batch is length-homogeneous instead of a uniform draw from the window; over the
-    `buffer_size / batch_size` steps of a window the model sees exactly the same samples as with
-    random batching, and every sample appears exactly once. A webdataset stage:
-    `partial(length_bucketed, buffer_size=..., batch_size=..., key=...)`.
-    """
-    if batch_size < 1 or buffer_size < batch_size:
-        raise ValueError(f"need 1 <= batch_size <= buffer_size, got {batch_size}, {buffer_size}")
-    rng = random.Random(seed)
-    window = buffer_size - buffer_size % batch_size  # whole batches, so only the last one can be short
-    buffer: list[Sample] = []
-    for sample in samples:
-        buffer.append(sample)
-        if len(buffer) == window:
-            yield from _sorted_batches(buffer, batch_size, key, rng, drop_last)
-            buffer = []
-    if buffer:
-        yield from _sorted_batches(buffer, batch_size, key, rng, drop_last)
-
-
-def _sorted_batches(buffer: list, batch_size: int, key: Callable, rng: random.Random, drop_last: bool) -> list[list]:
-    rng.shuffle(buffer)  # random tie-break among equal lengths (sort is stable)
-    buffer.sort(key=key)
-    batches = [buffer[i : i + batch_size] for i in range(0, len(buffer), batch_size)]
-    if drop_last and len(batches[-1]) < batch_size:
-        batches.pop()
-    rng.shuffle(batches)
-    return batches
