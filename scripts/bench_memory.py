@@ -120,7 +120,7 @@ def child_main(spec: dict) -> dict:
         accelerator = Accelerator(mixed_precision=spec["mixed_precision"], cpu=device.type == "cpu")
         paths = {k: Path(v) for k, v in spec["paths"].items()}
         if spec["side"] == "lean":
-            trainer = LeanTrainer(spec["kind"], spec["argv"], accelerator)
+            trainer = LeanTrainer(spec["kind"], spec["argv"], accelerator, tune_heap=True)  # as train/loop.py
             step = trainer.stream_step
         elif spec["kind"] == "prior":
             trainer = ReferencePrior(paths["prior"], paths["data"], accelerator, spec["batch_size"],

@@ -13,7 +13,6 @@ few batches long, a real epoch thousands), so DataLoader worker restarts at epoc
 
 from __future__ import annotations
 
-import inspect
 import os
 import random
 from pathlib import Path
@@ -49,11 +48,11 @@ class LeanTrainer:
     Speed does not depend on the weights' values, and sides never run at the same time.
     """
 
-    def __init__(self, command: str, argv: list[str], accelerator: Accelerator, share=None):
+    def __init__(self, command: str, argv: list[str], accelerator: Accelerator, share=None, tune_heap: bool = False):
         from train.__main__ import load_objective_class
         from train.config import parse_config
-        from train.data import build_loader, resolve_source
-        from train.loop import make_optimizer
+        from train.data import resolve_source
+        from train.loop import limit_cpu_heap_fragmentation, make_loader, make_optimizer
 
         objective_class = load_objective_class(command)
         config = parse_config(objective_class.config_class, argv)
@@ -68,14 +67,11 @@ class LeanTrainer:
         else:
             self.optimizer = share.optimizer
         self.module = accelerator.prepare_model(self.objective.train_module(self.trainee))  # once per module
-        extra = {}  # the same call as train/loop.py's, length bucketing included once the data path has it
-        if "bucketing" in inspect.signature(build_loader).parameters:
-            extra["bucketing"] = getattr(self.objective, "bucketing", lambda: None)()
-        self.loader = build_loader(source, seed=config.seed, rank=0, world_size=1,
-                                   num_workers=config.dataloader_num_workers, batch_size=config.train_batch_size,
-                                   shuffle_buffer=config.shuffle_buffer, members=self.objective.members,
-                                   transform=self.objective.sample_transform(), collate=self.objective.collate(),
-                                   **extra)
+        # The loop's heap setting is process-wide: applied only in the memory section's own processes, so
+        # that it cannot leak into the decoder timings of this process (it does not change prior speed).
+        if tune_heap and accelerator.device.type == "cpu" and getattr(self.objective, "varying_shapes", False):
+            limit_cpu_heap_fragmentation()  # as train/loop.py does
+        self.loader = make_loader(config, self.objective, source, rank=0, world=1)  # the loop's own call
         self.text_tokens: list[int] = []  # padded text length of each prior batch (77, or the longest caption)
 
     def next_batch(self) -> dict[str, torch.Tensor]:

@@ -193,3 +193,17 @@ def test_three_input_kinds_give_identical_tensors(tiny_models, sample_data, tiny
             assert row["captions"] == reference[key]["captions"]
             for name in ("image_embeds.npy", "latents.npy", "text_embeds.npy", "text_hidden.npy"):
                 np.testing.assert_array_equal(row[name], reference[key][name])
+
+
+@pytest.mark.parametrize("array", [np.arange(12, dtype=np.float16).reshape(3, 4), np.arange(5, dtype=np.int32),
+                                   np.asfortranarray(np.arange(20.0).reshape(4, 5)), np.zeros((0, 8), np.float32)])
+def test_decode_array_equals_np_load(array):
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    data = buffer.getvalue()
+    decoded = fmt.decode_array(data)
+    expected = np.load(io.BytesIO(data), allow_pickle=False)
+    assert decoded.dtype == expected.dtype and decoded.shape == expected.shape
+    np.testing.assert_array_equal(decoded, expected)
+    with pytest.raises(ValueError):
+        fmt.decode_array(data[:-1] if array.size else data[:8])  # truncated

@@ -63,6 +63,40 @@ class Objective(Protocol):
     def export(self, model: torch.nn.Module, output_dir: str, summary: dict) -> None: ...
 
 
+def make_loader(config: TrainConfig, objective: Objective, source: CacheSource, rank: int, world: int,
+                state: dict | None = None):
+    """The training batches of one process, as the loop reads them (also used by scripts/bench.py)."""
+    return build_loader(source, seed=config.seed, rank=rank, world_size=world,
+                        num_workers=config.dataloader_num_workers, batch_size=config.train_batch_size,
+                        shuffle_buffer=config.shuffle_buffer, members=objective.members,
+                        transform=objective.sample_transform(), collate=objective.collate(), state=state,
+                        bucketing=getattr(objective, "bucketing", lambda: None)())
+
+
+def limit_cpu_heap_fragmentation() -> bool:
+    """On glibc, serve allocations above 128 KiB with mmap so freed tensor memory goes back to the OS.
+
+    Trimmed prior batches change shape every step; glibc's default dynamic mmap threshold then keeps
+    the freed blocks in a fragmented heap and resident memory climbs well above what is live
+    (measured, small prior: peak 1.27x the trainee-only footprint by default, 1.04x with this, same
+    speed). Only for objectives whose batch shapes vary (`varying_shapes`): for the decoder's large
+    fixed-shape activations the extra page faults cost 40% of the step on CPU. CPU training only:
+    CUDA tensors use torch's caching allocator. Returns whether the setting was applied.
+    """
+    import ctypes
+    import ctypes.util
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
+        return bool(libc.mallopt(M_MMAP_THRESHOLD, 128 * 1024))
+    except (OSError, AttributeError):  # not glibc (musl, ...): nothing to tune
+        return False
+
+
 def train(config: TrainConfig, objective: Objective) -> dict[str, Any]:
     """Run (or resume) one training job; returns a summary (losses per step, final validation, ...)."""
     launched = int(os.environ.get("WORLD_SIZE", "1"))
@@ -77,6 +111,8 @@ def train(config: TrainConfig, objective: Objective) -> dict[str, Any]:
     if accelerator.num_processes != launched:
         raise Refused(f"launched as {launched} processes but accelerate runs {accelerator.num_processes}: each would "
                       "train alone and overwrite the others' files")
+    if accelerator.device.type == "cpu" and getattr(objective, "varying_shapes", False):
+        limit_cpu_heap_fragmentation()
     try:  # everything that can refuse the job does so before step 1, with one message
         resume_dir = find_checkpoint(config)
         config.seed = resolve_seed(config, resume_dir)
@@ -121,11 +157,7 @@ def train(config: TrainConfig, objective: Objective) -> dict[str, Any]:
     if resume_dir is not None:
         accelerator.print(f"Resuming from {resume_dir}")
         global_step, losses, data_state = load_train_state(accelerator, resume_dir)
-    loader = build_loader(source, seed=config.seed, rank=accelerator.process_index, world_size=world,
-                          num_workers=config.dataloader_num_workers, batch_size=config.train_batch_size,
-                          shuffle_buffer=config.shuffle_buffer, members=objective.members,
-                          transform=objective.sample_transform(), collate=objective.collate(), state=data_state,
-                          bucketing=getattr(objective, "bucketing", lambda: None)())
+    loader = make_loader(config, objective, source, accelerator.process_index, world, data_state)
     if accelerator.is_main_process:
         accelerator.init_trackers(config.tracker_project_name, tracker_config(config))
     accelerator.print(

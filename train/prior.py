@@ -202,6 +202,11 @@ class PriorObjective:
     def sample_transform(self) -> PriorSampleTransform:
         return PriorSampleTransform(self.config.text_dropout, self.empty_text)
 
+    @property
+    def varying_shapes(self) -> bool:
+        """Trimmed batches change width every step (the loop then limits CPU heap fragmentation)."""
+        return self.config.trim_padding
+
     def bucketing(self) -> tuple[int, Callable[[dict], int]] | None:
         """Length-aware batching pays only when batches are trimmed to their longest caption."""
         if self.config.trim_padding and self.config.length_bucket_batches > 0:
