@@ -97,7 +97,8 @@ class PrecomputeConfig:
         default=8, metadata={"help": "Images whose shorter side is below this many pixels are skipped."}
     )
     max_samples: Optional[int] = field(
-        default=None, metadata={"help": "Encode only the first N input samples (quick trials)."}
+        default=None, metadata={"help": "Encode only the first N rows of --dataset_name/--train_data_dir "
+                                "(quick trials; with --input_shards, pass fewer shards)."}
     )
     overwrite: bool = field(
         default=False,
@@ -114,6 +115,9 @@ class PrecomputeConfig:
                 raise ValueError(f"--{name} must be positive")
         if self.resolution % 8:
             raise ValueError("--resolution must be a multiple of 8 (MoVQ downsamples by 8)")
+        if self.max_samples is not None and self.input_shards:
+            raise ValueError("--max_samples applies to --dataset_name/--train_data_dir; with --input_shards "
+                             "pass fewer shards instead")
         if self.holdout_samples < 0 or self.num_workers < 0:
             raise ValueError("--holdout_samples and --num_workers must be >= 0")
 

@@ -138,6 +138,7 @@ def test_other_settings_in_same_dir_are_refused_unless_overwrite(tiny_models, sa
     ("model", "cannot load the encoders"),
     ("output", "--output_dir"),
     ("input", "no shards match"),
+    ("max_samples", "--max_samples applies to"),
 ])
 def test_clear_error_before_any_work(tiny_models, sample_data, tmp_path, capsys, case, expected):
     source = ["--train_data_dir", str(sample_data["imagefolder"])]
@@ -151,11 +152,13 @@ def test_clear_error_before_any_work(tiny_models, sample_data, tmp_path, capsys,
     elif case == "output":
         (tmp_path / "file").write_text("x")
         out = tmp_path / "file" / "cache"  # a path below a regular file cannot be created
+    elif case == "max_samples":
+        source, extra = ["--input_shards", sample_data["shard_pattern"]], ["--max_samples", "4"]
     else:
         source = ["--input_shards", str(tmp_path / "none-*.tar")]
     assert run_precompute(models, out, *extra, source=source) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and expected in err[0]
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if "error" in line.lower()]
+    assert len(err) == 1 and err[0].startswith("precompute: error:") and expected in err[0]
     assert not list(out.glob("*.tar")) if out.parent.is_dir() else True
 
 
