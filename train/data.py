@@ -13,7 +13,6 @@ the current shard is read. Every process runs the same number of steps whatever 
 
 from __future__ import annotations
 
-import glob
 import logging
 import os
 import posixpath
@@ -22,7 +21,6 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-import braceexpand
 import fsspec
 import numpy as np
 import torch
@@ -31,6 +29,7 @@ from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from precompute import format as fmt
 from precompute import reader
+from precompute.wds_inputs import expand_urls
 
 logger = logging.getLogger(__name__)
 
@@ -55,20 +54,6 @@ class CacheSource:
     train: list[Shard]
 
 
-def _expand(patterns: list[str]) -> list[str]:
-    urls: list[str] = []
-    for pattern in patterns:
-        for url in braceexpand.braceexpand(pattern):
-            if "://" not in url and any(c in url for c in "*?["):
-                urls.extend(sorted(glob.glob(url)))
-            elif "://" in url and any(c in url for c in "*?["):
-                fs, _, paths = fsspec.get_fs_token_paths(url)
-                urls.extend(sorted(fs.unstrip_protocol(p) for p in paths))
-            else:
-                urls.append(url)
-    return urls
-
-
 def _is_cache_root(spec: str) -> bool:
     if spec.endswith(fmt.MANIFEST_NAME):
         return True
@@ -86,9 +71,7 @@ def resolve_source(shards: list[str], manifest: str | None = None) -> CacheSourc
         counts = {s["name"]: s["count"] for s in loaded["shards"] if s["split"] == fmt.TRAIN_SPLIT}
         urls = reader.shard_urls(loaded, location, fmt.TRAIN_SPLIT)
         return CacheSource(loaded, location, [Shard(u, counts[posixpath.basename(u)]) for u in urls])
-    urls = _expand(shards)
-    if not urls:
-        raise FileNotFoundError(f"--shards {' '.join(shards)} matches no shard")
+    urls = expand_urls(shards)  # raises FileNotFoundError for a pattern that matches nothing
     first = urls[0]
     location = manifest or (posixpath.dirname(first) if "://" in first else os.path.dirname(first))
     loaded = reader.load_manifest(location)
