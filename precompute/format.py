@@ -110,6 +110,12 @@ def split_hidden(text_hidden: np.ndarray, text_lengths: np.ndarray) -> list[np.n
     return [text_hidden[offsets[i] : offsets[i + 1]] for i in range(len(text_lengths))]
 
 
+def missing_members(manifest: dict, required: tuple[str, ...]) -> list[str]:
+    """The members of `required` that the manifest's shards do not hold."""
+    members = manifest.get("members") or ENCODE_MEMBERS.get(manifest.get("encode"), ())
+    return [m for m in required if m not in members]
+
+
 def check_manifest(manifest: dict) -> None:
     """Refuse a manifest of another format or a newer version with one clear message."""
     if manifest.get("format") != FORMAT:

@@ -171,10 +171,12 @@ def test_project_reader_matches_plain_reader(tiny_cache):
 
 def test_reader_never_unpickles(tmp_path):
     """A shard member that would need pickle is refused, not executed."""
-    buffer = io.BytesIO()
-    np.save(buffer, np.array([{"evil": 1}], dtype=object), allow_pickle=True)
+    # An object-dtype .npy member, written by hand (its payload would be a pickle).
+    header = b"{'descr': '|O', 'fortran_order': False, 'shape': (1,), }"
+    header += b" " * (63 - len(header) % 64) + b"\n"
+    hostile = b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little") + header + b"\x80\x04K\x01."
     with pytest.raises(ValueError):
-        reader.decode_sample({"__key__": "x", fmt.IMAGE_EMBEDS: buffer.getvalue()})
+        reader.decode_sample({"__key__": "x", fmt.IMAGE_EMBEDS: hostile})
     with pytest.raises(fmt.FormatError):
         fmt.encode_array(np.array([object()], dtype=object))
 

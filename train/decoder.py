@@ -120,8 +120,7 @@ def check_manifest(manifest: dict, unet: UNet2DConditionModel, resolution: int, 
     """Refuse, with one message listing every problem, a cache that cannot train this decoder."""
     fmt.check_manifest(manifest)
     problems = []
-    members = manifest.get("members") or fmt.ENCODE_MEMBERS.get(manifest.get("encode"), ())
-    missing = [m for m in fmt.DECODER_MEMBERS if m not in members]
+    missing = fmt.missing_members(manifest, fmt.DECODER_MEMBERS)
     if missing:
         problems.append(f"the shards lack the decoder members {missing} (encode={manifest.get('encode')!r}; "
                         "re-run precompute with --encode decoder or all)")

@@ -135,8 +135,7 @@ def check_manifest(manifest: dict, prior: PriorTransformer) -> None:
     """Refuse, with one message listing every problem, a cache that cannot train this prior."""
     fmt.check_manifest(manifest)
     problems = []
-    members = manifest.get("members") or fmt.ENCODE_MEMBERS.get(manifest.get("encode"), ())
-    missing = [m for m in fmt.PRIOR_MEMBERS if m not in members]
+    missing = fmt.missing_members(manifest, fmt.PRIOR_MEMBERS)
     if missing:
         problems.append(f"the shards lack the prior members {missing} (encode={manifest.get('encode')!r}; "
                         "re-run precompute with --encode prior or all)")
