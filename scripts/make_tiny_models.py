@@ -14,6 +14,7 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before diffusers/transformers read it
 
 import argparse
+import copy
 import json
 import time
 from dataclasses import dataclass
@@ -187,18 +188,23 @@ def synthetic_images(n: int, size: int, seed: int) -> list[np.ndarray]:
 def fit_clip_stats(
     prior: PriorTransformer, image_encoder: CLIPVisionModelWithProjection, processor: CLIPImageProcessor, seed: int
 ) -> None:
-    """Set prior.clip_mean / clip_std (zeros at init) from image_embeds of synthetic images."""
+    """Set prior.clip_mean / clip_std (zeros at init) from image_embeds of synthetic images.
+
+    The encoder runs in float64 on a copy: MKL/oneDNN float32 results vary in the last bits with
+    heap alignment and thread count, and "same seed, same weights" must hold in any process.
+    """
     images = synthetic_images(N_STAT_IMAGES, IMAGE_SIZE, seed)
+    encoder64 = copy.deepcopy(image_encoder).double()
     embeds = []
     for start in range(0, N_STAT_IMAGES, STAT_BATCH):
         pixel_values = processor(images=images[start : start + STAT_BATCH], return_tensors="pt").pixel_values
-        embeds.append(image_encoder(pixel_values=pixel_values).image_embeds)  # [b, E]
-    image_embeds = torch.cat(embeds)  # [N, E]
+        embeds.append(encoder64(pixel_values=pixel_values.double()).image_embeds)  # [b, E] float64
+    image_embeds = torch.cat(embeds)  # [N, E] float64
     std = image_embeds.std(dim=0, keepdim=True)  # [1, E]
     if not bool(torch.isfinite(std).all()) or float(std.min()) <= 0:
         raise RuntimeError("image_embeds of the synthetic images have a zero or non-finite std")
-    prior.clip_mean.copy_(image_embeds.mean(dim=0, keepdim=True))  # [1, E]
-    prior.clip_std.copy_(std)
+    prior.clip_mean.copy_(image_embeds.mean(dim=0, keepdim=True).float())  # [1, E]
+    prior.clip_std.copy_(std.float())
 
 
 def _index_generic_image_processor(prior_dir: Path) -> None:
