@@ -33,7 +33,7 @@ class UsageError(Exception):
 def open_input(config: PrecomputeConfig):
     """Return (map-style dataset or None, tar URLs or None) for the one input the user gave."""
     from .inputs import open_hf_dataset, open_imagefolder
-    from .wds_inputs import expand_urls
+    from .reader import expand_urls
 
     if config.input_shards:
         return None, expand_urls(config.input_shards.split())  # raises for a pattern matching nothing

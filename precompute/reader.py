@@ -6,15 +6,22 @@ with `np.load(allow_pickle=False)` / `json`, so that a hostile shard cannot exec
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import posixpath
+from collections.abc import Sequence
 from typing import Any, Iterable, Iterator
+from urllib.parse import urlparse
 
+import braceexpand
 import fsspec
 import numpy as np
 
 from . import format as fmt
+
+GLOB_CHARS = "*?["
+LOCAL_SCHEMES = ("", "file")
 
 
 def _join(location: str, name: str) -> str:
@@ -102,3 +109,35 @@ def validation_prompts(manifest: dict) -> list[dict[str, Any]]:
         }
         for entry in manifest.get("validation_prompts", [])
     ]
+
+
+def _glob(url: str) -> list[str]:
+    if urlparse(url).scheme in LOCAL_SCHEMES:
+        return glob.glob(url.removeprefix("file://"))
+    fs, pattern = fsspec.core.url_to_fs(url)
+    return [fs.unstrip_protocol(path) for path in fs.glob(pattern)]
+
+
+def expand_urls(spec: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
+    """Brace patterns and globs (local or fsspec) to a sorted, de-duplicated list of shard URLs.
+
+    Missing local files raise FileNotFoundError here, before any work.
+    """
+    specs = [spec] if isinstance(spec, (str, os.PathLike)) else list(spec)
+    urls: set[str] = set()
+    for item in specs:
+        for url in braceexpand.braceexpand(str(item)):
+            if urlparse(url).scheme != "pipe" and any(char in url for char in GLOB_CHARS):
+                matches = _glob(url)
+                if not matches:
+                    raise FileNotFoundError(f"no shards match {url}")
+                urls.update(matches)
+            else:
+                urls.add(url)
+    local = [url for url in urls if urlparse(url).scheme in LOCAL_SCHEMES]
+    missing = [url for url in local if not os.path.exists(url.removeprefix("file://"))]
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} shard(s) not found, e.g. {sorted(missing)[0]}")
+    if not urls:
+        raise ValueError(f"no shard URLs in {spec!r}")
+    return sorted(urls)

@@ -6,7 +6,6 @@ handled here. Tar-level errors go through webdataset's `handler` argument and ar
 
 from __future__ import annotations
 
-import glob
 import itertools
 import json
 import os
@@ -14,15 +13,13 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 from urllib.parse import urlparse
 
-import braceexpand
 import fsspec
 import webdataset as wds
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from .inputs import DEFAULT_IMAGE_EXTS, RawItem, _captions_or_error
+from .reader import LOCAL_SCHEMES, expand_urls
 
-GLOB_CHARS = "*?["
-LOCAL_SCHEMES = ("", "file")
 
 
 def _fsspec_gopen(url: str, mode: str = "rb", bufsize: int = 8192, **kw: Any):
@@ -40,38 +37,6 @@ def register_fsspec_scheme(url: str) -> None:
     except (ImportError, ValueError) as exc:
         raise ValueError(f"cannot read {url}: fsspec has no usable '{scheme}' filesystem ({exc})") from exc
     wds.gopen_schemes[scheme] = _fsspec_gopen
-
-
-def _glob(url: str) -> list[str]:
-    if urlparse(url).scheme in LOCAL_SCHEMES:
-        return glob.glob(url.removeprefix("file://"))
-    fs, pattern = fsspec.core.url_to_fs(url)
-    return [fs.unstrip_protocol(path) for path in fs.glob(pattern)]
-
-
-def expand_urls(spec: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
-    """Brace patterns and globs (local or fsspec) to a sorted, de-duplicated list of shard URLs.
-
-    Missing local files raise FileNotFoundError here, before any work.
-    """
-    specs = [spec] if isinstance(spec, (str, os.PathLike)) else list(spec)
-    urls: set[str] = set()
-    for item in specs:
-        for url in braceexpand.braceexpand(str(item)):
-            if urlparse(url).scheme != "pipe" and any(char in url for char in GLOB_CHARS):
-                matches = _glob(url)
-                if not matches:
-                    raise FileNotFoundError(f"no shards match {url}")
-                urls.update(matches)
-            else:
-                urls.add(url)
-    local = [url for url in urls if urlparse(url).scheme in LOCAL_SCHEMES]
-    missing = [url for url in local if not os.path.exists(url.removeprefix("file://"))]
-    if missing:
-        raise FileNotFoundError(f"{len(missing)} shard(s) not found, e.g. {sorted(missing)[0]}")
-    if not urls:
-        raise ValueError(f"no shard URLs in {spec!r}")
-    return sorted(urls)
 
 
 def _exception_text(exc: Exception) -> str:

@@ -25,7 +25,8 @@ from PIL import Image  # noqa: E402
 
 from precompute.images import BadImage, center_crop, decoder_transform, load_image  # noqa: E402
 from precompute.inputs import BadCaption, normalize_captions, open_hf_dataset, open_imagefolder  # noqa: E402
-from precompute.wds_inputs import expand_urls, iter_wds_inputs  # noqa: E402
+from precompute.reader import expand_urls  # noqa: E402
+from precompute.wds_inputs import iter_wds_inputs  # noqa: E402
 from scripts.make_sample_data import make_sample_data  # noqa: E402
 
 EXIF_ORIENTATION = 0x0112

@@ -106,8 +106,11 @@ def test_cached_loss_equals_reference_step(tiny_models, tiny_cache, snr_gamma):
 
     assert torch.equal(batch["text_mask"], text_mask)  # the mask rebuilt from text_lengths is the tokenizer's
     assert abs(ours.item() - reference.item()) <= RTOL * abs(reference.item())
+    # Tolerance against the largest gradient of the whole model: a tensor whose true gradient is zero (a bias
+    # feeding a LayerNorm) holds only rounding noise (~1e-10), which no per-tensor relative bound can pin.
+    scale = max(g.abs().max().item() for g in ref_grads)
     for ours_g, ref_g in zip(our_grads, ref_grads, strict=True):
-        assert torch.allclose(ours_g, ref_g, rtol=1e-4, atol=1e-5 * ref_g.abs().max().item())
+        assert torch.allclose(ours_g, ref_g, rtol=1e-4, atol=1e-5 * scale)
 
 
 def test_padding_back_with_zeros_is_exact():

@@ -29,7 +29,7 @@ from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from precompute import format as fmt
 from precompute import reader
-from precompute.wds_inputs import expand_urls
+from precompute.reader import expand_urls
 
 logger = logging.getLogger(__name__)
 
