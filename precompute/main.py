@@ -111,13 +111,6 @@ def encode_batch(batch: dict, models: enc.Encoders, config: PrecomputeConfig) ->
     return per_sample
 
 
-def padded_prior_bytes(arrays: dict[str, np.ndarray], itemsize: int, max_length: int) -> int:
-    """Bytes of the same prior record in the padded layout: 77-token hidden states plus a mask."""
-    captions, hidden_size = len(arrays[fmt.TEXT_LENGTHS]), arrays[fmt.TEXT_HIDDEN].shape[1]
-    embed = arrays[fmt.TEXT_EMBEDS].shape[1]
-    return captions * (max_length * hidden_size + embed) * itemsize + captions * max_length + embed * itemsize
-
-
 def run(config: PrecomputeConfig) -> int:
     from accelerate import PartialState
 
@@ -147,10 +140,10 @@ def run(config: PrecomputeConfig) -> int:
     total = sum(len(u.rows) for u in todo) if dataset is not None else None
     bar = tqdm(total=total, unit="img", desc=f"precompute[{state.process_index}]", disable=not state.is_local_main_process)
     positions: dict[int, int] = {}
-    pending: dict[int, tuple[list, dict]] = {}
+    pending: dict[int, list[dict]] = {}  # skip reports of each unit not yet published
     started = time.perf_counter()
     for batch in loader:
-        skipped, stats = pending.setdefault(batch["unit"], ([], {"prior_bytes": 0, "padded_prior_bytes": 0}))
+        skipped = pending.setdefault(batch["unit"], [])
         skipped.extend(batch["skipped"])
         if batch["samples"]:
             for (key, split, captions, meta), arrays in zip(batch["samples"], encode_batch(batch, models, config)):
@@ -161,13 +154,10 @@ def run(config: PrecomputeConfig) -> int:
                     skipped.append({"key": key, "reason": str(exc)})
                     continue
                 positions[batch["unit"]] = positions.get(batch["unit"], 0) + 1
-                if fmt.TEXT_HIDDEN in record:
-                    stats["prior_bytes"] += sum(len(record[m]) for m in fmt.PRIOR_MEMBERS)
-                    stats["padded_prior_bytes"] += padded_prior_bytes(arrays, np.dtype(store).itemsize, 77)
                 writer.put(batch["unit"], split, record)
         bar.update(len(batch["samples"]) + len(batch["skipped"]))
         if batch["last"]:
-            writer.end_unit(batch["unit"], *pending.pop(batch["unit"]))
+            writer.end_unit(batch["unit"], pending.pop(batch["unit"]))
     writer.close()
     bar.close()
     elapsed = time.perf_counter() - started

@@ -171,11 +171,6 @@ def build_manifest(config: PrecomputeConfig, models: enc.Encoders, identities: d
     totals["shards"] = len(shards)
     totals["bytes"] = sum(s["bytes"] for s in shards)
     totals["bytes_per_sample"] = totals["bytes"] / max(totals["samples"], 1)
-    prior_bytes = sum(u.get("stats", {}).get("prior_bytes", 0) for u in progress)
-    padded = sum(u.get("stats", {}).get("padded_prior_bytes", 0) for u in progress)
-    if padded:
-        totals["prior_bytes_per_sample"] = prior_bytes / max(totals["samples"], 1)
-        totals["padded_prior_bytes_per_sample"] = padded / max(totals["samples"], 1)
 
     image_size = models.image_encoder.config.image_size
     shapes = {"embedding_dim": models.image_encoder.config.projection_dim, "max_length": None,

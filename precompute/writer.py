@@ -88,9 +88,9 @@ class CacheWriter:
         self._raise_if_failed()
         self.queue.put(("record", unit, split, record))
 
-    def end_unit(self, unit: int, skipped: list[dict], stats: dict[str, int]) -> None:
+    def end_unit(self, unit: int, skipped: list[dict]) -> None:
         self._raise_if_failed()
-        self.queue.put(("end", unit, skipped, stats))
+        self.queue.put(("end", unit, skipped, None))
 
     def close(self) -> list[dict]:
         """Wait for every queued write; return the progress records of the units published here."""
@@ -120,7 +120,7 @@ class CacheWriter:
                 if kind == "record":
                     self._write(unit, a, b)
                 else:
-                    self._publish(unit, a, b)
+                    self._publish(unit, a)
             except BaseException as exc:  # noqa: BLE001 - surfaced to the compute thread
                 self.error = exc
 
@@ -159,12 +159,11 @@ class CacheWriter:
         self._writer(state, unit, split).write(record)
         state.samples += 1
 
-    def _publish(self, unit: int, skipped: list[dict], stats: dict[str, int]) -> None:
+    def _publish(self, unit: int, skipped: list[dict]) -> None:
         state = self.units.pop(unit, UnitState())
         for writer in state.writers.values():
             writer.close()
-        progress = {"unit": unit, "rank": self.rank, "samples": state.samples, "shards": state.shards, "skipped": skipped,
-                    "stats": stats}
+        progress = {"unit": unit, "rank": self.rank, "samples": state.samples, "shards": state.shards, "skipped": skipped}
         write_json_atomic(self.fs, self.path(progress_name(unit)), progress)
         self.published.append(progress)
 

@@ -161,13 +161,20 @@ class Bench:
         return result
 
     def section_cache(self) -> dict:
+        import numpy as np
+        from inspect_cache import padded_prior_bytes
+
+        from precompute.format import FLOAT_DTYPES
+
         sizes = setup.read_member_sizes(self.ensure_cache())
         totals, n = sizes["manifest"]["totals"], sizes["manifest"]["totals"]["train"]["samples"]
         self.results["caption_lengths"] = setup.length_stats(sizes["text_lengths"])
+        prior = sum(sizes["payload"].get(m, 0) for m in PRIOR_MEMBERS)
+        padded = padded_prior_bytes(len(sizes["text_lengths"]), n, sizes["manifest"]["shapes"],
+                                    np.dtype(FLOAT_DTYPES[sizes["manifest"]["dtype"]]).itemsize)
         return {
-            "samples": n, "prior_bytes_per_sample": totals["prior_bytes_per_sample"],
-            "padded_prior_bytes_per_sample": totals["padded_prior_bytes_per_sample"],
-            "prior_over_padded": totals["prior_bytes_per_sample"] / totals["padded_prior_bytes_per_sample"],
+            "samples": n, "prior_bytes_per_sample": prior / n, "padded_prior_bytes_per_sample": padded / n,
+            "prior_over_padded": prior / padded,
             "prior_tar_bytes_per_sample": sum(sizes["stored"].get(m, 0) for m in PRIOR_MEMBERS) / n,
             "decoder_bytes_per_sample": sum(sizes["payload"].get(m, 0) for m in DECODER_MEMBERS) / n,
             "decoder_tar_bytes_per_sample": sum(sizes["stored"].get(m, 0) for m in DECODER_MEMBERS) / n,

@@ -152,6 +152,29 @@ def test_manifest_contents(tiny_cache, sample_data):
             assert len({m.name.split(".")[0] for m in tar.getmembers()}) == shard["count"]
     held_out = set(plain_read(tiny_cache, "validation"))
     assert held_out == set(sample_data["keys"][:8])
+    # Benchmark figures (padded-layout sizes) are the benchmark's to compute, not the product's.
+    assert set(manifest["totals"]) == {"skipped", "train", "validation", "samples", "shards", "bytes",
+                                       "bytes_per_sample"}
+
+
+def test_padded_layout_size_from_text_lengths_and_shapes(tiny_cache, monkeypatch, capsys):
+    """inspect_cache's padded-layout figure equals the bytes of the records actually padded to max_length."""
+    import inspect_cache
+
+    manifest = reader.load_manifest(str(tiny_cache))
+    shapes, store = manifest["shapes"], fmt.FLOAT_DTYPES[manifest["dtype"]]
+    rows = list(plain_read(tiny_cache).values())[:5]
+    padded = 0
+    for row in rows:
+        captions, tokens = len(row["text_lengths.npy"]), shapes["max_length"]
+        padded += np.zeros((captions, tokens, shapes["text_hidden_size"]), store).nbytes  # [C, T, H]
+        padded += np.zeros((captions, tokens), np.bool_).nbytes  # [C, T] attention mask
+        padded += row["text_embeds.npy"].astype(store).nbytes + row["image_embeds.npy"].astype(store).nbytes
+    captions = sum(len(row["text_lengths.npy"]) for row in rows)
+    assert inspect_cache.padded_prior_bytes(captions, len(rows), shapes, np.dtype(store).itemsize) == padded
+    monkeypatch.setattr("sys.argv", ["inspect_cache.py", str(tiny_cache)])
+    inspect_cache.main()
+    assert "in the 77-token padded layout" in capsys.readouterr().out
 
 
 def test_project_reader_matches_plain_reader(tiny_cache):
