@@ -1,18 +1,20 @@
-"""The cache format: member names, dtypes and version, shared by the writer and every reader.
+"""The cache format: member names, dtypes, record keys, shard names, the manifest schema, the version.
 
 Readers import this module, never the writer (mosaicml/streaming style), so that the format is the
 single contract between `precompute` and the trainers. docs/cache-format.md documents the same
-names for readers that use no project code.
+names for readers that use no project code, and states when `VERSION` changes.
 """
 
 from __future__ import annotations
 
-import functools
-import io
 import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import numpy as np
+
+from .npy import FormatError, decode_array, encode_array  # noqa: F401 - part of the format's API
 
 FORMAT = "kandinsky22-embedding-cache"
 VERSION = 1
@@ -42,53 +44,37 @@ ENCODE_MEMBERS = {
 
 TRAIN_SPLIT = "train"
 VALIDATION_SPLIT = "validation"
+SPLITS = (TRAIN_SPLIT, VALIDATION_SPLIT)
 
 
-class FormatError(ValueError):
-    """A shard or manifest that does not follow this format."""
+def record_key(unit: int, position: int) -> str:
+    """The `__key__` of a record: its unit and its position among the unit's written records."""
+    return f"{unit:06d}_{position:06d}"
 
 
-def encode_array(array: np.ndarray) -> bytes:
-    """`.npy` bytes of a numeric array; object arrays are refused (they would be pickled)."""
-    if array.dtype == object:
-        raise FormatError("object arrays cannot be stored (they would need pickle)")
-    buffer = io.BytesIO()
-    np.save(buffer, np.ascontiguousarray(array), allow_pickle=False)
-    return buffer.getvalue()
+def shard_name(split: str, unit: int, chunk: int) -> str:
+    """File name of a published shard: chunk `chunk` of unit `unit`'s records of one split."""
+    return f"{split}-{unit:06d}-{chunk:03d}.tar"
 
 
-NPY_MAGIC = b"\x93NUMPY"
+def make_record(key: str, captions: list[str], meta: dict, arrays: dict[str, np.ndarray], store) -> dict:
+    """One shard record: member name -> bytes, plus `__key__`.
 
-
-@functools.lru_cache(maxsize=4096)
-def _npy_header(prefix: bytes) -> tuple[np.dtype, tuple[int, ...], bool]:
-    """(dtype, shape, fortran_order) of an `.npy` header; cached, since records repeat their headers."""
-    handle = io.BytesIO(prefix)
-    version = np.lib.format.read_magic(handle)
-    read = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}.get(version)
-    if read is None:
-        raise FormatError(f"unsupported .npy version {version}")
-    shape, fortran_order, dtype = read(handle)
-    if dtype.hasobject:
-        raise FormatError("object arrays are refused (they would need pickle)")
-    return dtype, shape, fortran_order
-
-
-def decode_array(data: bytes) -> np.ndarray:
-    """Read `.npy` bytes from an untrusted shard: never unpickles.
-
-    The header is parsed once per distinct header (np.load parses it with `ast.literal_eval` for
-    every member, a large share of the training data path); the data is copied once into a
-    writable array, as np.load would.
+    `arrays` maps member names to float arrays (cast to the storage dtype `store`) and to
+    `TEXT_LENGTHS` (cast to LENGTH_DTYPE). Raises OverflowError if a value overflows `store`.
     """
-    if data[:6] != NPY_MAGIC or len(data) < 10:
-        raise FormatError("not an .npy member")
-    start, size = (10, 2) if data[6] == 1 else (12, 4)  # header-length field: 2 bytes in v1, 4 in v2/v3
-    offset = start + int.from_bytes(data[8 : 8 + size], "little")
-    dtype, shape, fortran_order = _npy_header(bytes(data[:offset]))
-    count = int(np.prod(shape, dtype=np.int64))
-    array = np.frombuffer(data, dtype=dtype, count=count, offset=offset)
-    return array.reshape(shape, order="F" if fortran_order else "C").copy(order="K")
+    record: dict = {"__key__": key, CAPTIONS: json.dumps(captions).encode(), META: json.dumps(meta).encode()}
+    for name, array in arrays.items():
+        if name == TEXT_LENGTHS:
+            record[name] = encode_array(array.astype(LENGTH_DTYPE))
+            continue
+        with np.errstate(over="ignore"):  # an overflow is reported below, as a skipped sample
+            stored = array.astype(store)
+        if not np.isfinite(stored).all():
+            peak = float(np.abs(array).max())
+            raise OverflowError(f"{name} overflows {np.dtype(store).name} (max |x| = {peak:.4g})")
+        record[name] = encode_array(stored)
+    return record
 
 
 def decode_member(name: str, data: bytes) -> Any:
@@ -110,13 +96,7 @@ def split_hidden(text_hidden: np.ndarray, text_lengths: np.ndarray) -> list[np.n
     return [text_hidden[offsets[i] : offsets[i + 1]] for i in range(len(text_lengths))]
 
 
-def missing_members(manifest: dict, required: tuple[str, ...]) -> list[str]:
-    """The members of `required` that the manifest's shards do not hold."""
-    members = manifest.get("members") or ENCODE_MEMBERS.get(manifest.get("encode"), ())
-    return [m for m in required if m not in members]
-
-
-def check_manifest(manifest: dict) -> None:
+def check_manifest(manifest: Mapping) -> None:
     """Refuse a manifest of another format or a newer version with one clear message."""
     if manifest.get("format") != FORMAT:
         raise FormatError(f"not a {FORMAT} manifest (format={manifest.get('format')!r})")
@@ -125,3 +105,209 @@ def check_manifest(manifest: dict) -> None:
             f"cache format version {manifest.get('version')!r} is not supported by this reader (expects {VERSION}); "
             "re-run precompute with this version of the code"
         )
+
+
+def missing_members(manifest: Manifest | Mapping, required: tuple[str, ...]) -> list[str]:
+    """The members of `required` that the manifest's shards do not hold (a dict is the trainers' dict API)."""
+    typed = manifest if isinstance(manifest, Manifest) else Manifest.from_dict(manifest)
+    return [m for m in required if m not in typed.members]
+
+
+# -- the manifest schema ---------------------------------------------------------------------------
+# Each class is one JSON object of manifest.json; `to_dict` gives its keys in the order the writer
+# has always written them, so `Manifest.from_dict(m).to_dict() == m` for every manifest of this
+# version. A reader ignores keys it does not know; a missing key is a FormatError.
+
+
+def _json(value: Any) -> Any:
+    if isinstance(value, _Record):
+        return value.to_dict()
+    if isinstance(value, tuple):
+        return [_json(item) for item in value]
+    if isinstance(value, dict):
+        return {key: _json(item) for key, item in value.items()}
+    return value
+
+
+def _frozen(value: Any, where: str = "") -> Any:
+    """JSON lists as tuples (records are immutable); objects stay dicts."""
+    return tuple(_frozen(item) for item in value) if isinstance(value, list) else value
+
+
+def _one(cls: type) -> dict:
+    return {"parse": cls.from_dict}
+
+
+def _optional(cls: type) -> dict:
+    return {"parse": lambda value, where: None if value is None else cls.from_dict(value, where)}
+
+
+def _many(cls: type) -> dict:
+    return {"parse": lambda items, where: tuple(cls.from_dict(item, where) for item in items)}
+
+
+def _named(cls: type) -> dict:
+    return {"parse": lambda items, where: {name: cls.from_dict(item, f"{where}{name}.") for name, item in items.items()}}
+
+
+class _Record:
+    """One JSON object: a dataclass field per key (`metadata`: "key" renames it, "parse" builds it)."""
+
+    def to_dict(self) -> dict:
+        """The JSON object, keys in manifest.json order."""
+        return {f.metadata.get("key", f.name): _json(getattr(self, f.name)) for f in fields(self)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping, where: str = ""):
+        """Build from a JSON object; raises FormatError naming the first missing field."""
+        values = {}
+        for f in fields(cls):
+            key = f.metadata.get("key", f.name)
+            if not isinstance(data, Mapping) or key not in data:
+                raise FormatError(f"manifest field {where}{key} is missing")
+            values[f.name] = f.metadata.get("parse", _frozen)(data[key], f"{where}{key}.")
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class ShardEntry(_Record):
+    """One published shard: its file name (relative to the manifest), split, records, size, sha256."""
+
+    name: str
+    split: str
+    count: int
+    bytes: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class Skip(_Record):
+    """An input that was not encoded, and why."""
+
+    key: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Shapes(_Record):
+    """Array sizes; the text fields are None without text members, latents/resolution without MoVQ."""
+
+    embedding_dim: int  # E
+    max_length: int | None  # T = tokenizer.model_max_length (77 for CLIP): the reference pads to it
+    text_hidden_size: int | None  # H
+    latents: tuple[int, int, int] | None  # [4, r/8, r/8]
+    resolution: int | None  # r
+
+
+@dataclass(frozen=True)
+class SplitTotals(_Record):
+    samples: int
+    shards: int
+    bytes: int
+
+
+@dataclass(frozen=True)
+class Totals(_Record):
+    """Counts over the published shards; `skipped` counts inputs not encoded."""
+
+    skipped: int
+    train: SplitTotals = field(metadata=_one(SplitTotals))
+    validation: SplitTotals = field(metadata=_one(SplitTotals))
+    samples: int
+    shards: int
+    bytes: int
+    bytes_per_sample: float
+
+    @classmethod
+    def of(cls, shards: tuple[ShardEntry, ...], skipped: int) -> Totals:
+        """Totals of the published shards."""
+        split = {name: SplitTotals(sum(s.count for s in shards if s.split == name),
+                                   sum(1 for s in shards if s.split == name),
+                                   sum(s.bytes for s in shards if s.split == name)) for name in SPLITS}
+        samples, size = sum(t.samples for t in split.values()), sum(s.bytes for s in shards)
+        return cls(skipped, split[TRAIN_SPLIT], split[VALIDATION_SPLIT], samples, len(shards), size,
+                   size / max(samples, 1))
+
+
+@dataclass(frozen=True)
+class EncoderIdentity(_Record):
+    """A frozen component that was loaded: where from, its class and config, sha256 of its files."""
+
+    path: str
+    subfolder: str
+    class_name: str = field(metadata={"key": "class"})
+    config: dict
+    sha256: dict  # file name -> hex digest
+
+
+@dataclass(frozen=True)
+class TextEncoding(_Record):
+    """Cached encodings of one caption, rounded to the storage dtype: [E], [L, H], L."""
+
+    text_embeds: tuple[float, ...]
+    text_hidden: tuple[tuple[float, ...], ...]
+    text_length: int
+
+
+@dataclass(frozen=True)
+class PromptEncoding(_Record):
+    """A `--validation_prompts` entry: the prompt and its encodings, as TextEncoding."""
+
+    prompt: str
+    text_embeds: tuple[float, ...]
+    text_hidden: tuple[tuple[float, ...], ...]
+    text_length: int
+
+
+@dataclass(frozen=True)
+class ZeroImage(_Record):
+    image_embeds: tuple[float, ...]  # [E]
+
+
+@dataclass(frozen=True)
+class Unconditional(_Record):
+    """The all-zero image's embedding and the empty caption's encodings (None without a text encoder)."""
+
+    zero_image: ZeroImage = field(metadata=_one(ZeroImage))
+    empty_caption: TextEncoding | None = field(metadata=_optional(TextEncoding))
+
+
+@dataclass(frozen=True)
+class Manifest(_Record):
+    """manifest.json: what the cache holds, how it was made, and its published shards."""
+
+    format: str
+    version: int
+    created: str  # ISO time, UTC
+    location: str  # --output_dir as given
+    encode: str  # "prior", "decoder" or "all"
+    dtype: str  # a key of FLOAT_DTYPES
+    members: tuple[str, ...]
+    config: dict  # the full precompute configuration
+    encoders: dict[str, EncoderIdentity] = field(metadata=_named(EncoderIdentity))
+    preprocessing: dict  # a description for people; no reader relies on it
+    shapes: Shapes = field(metadata=_one(Shapes))
+    shards: tuple[ShardEntry, ...] = field(metadata=_many(ShardEntry))
+    totals: Totals = field(metadata=_one(Totals))
+    skipped: tuple[Skip, ...] = field(metadata=_many(Skip))
+    unconditional: Unconditional = field(metadata=_one(Unconditional))
+    validation_prompts: tuple[PromptEncoding, ...] = field(metadata=_many(PromptEncoding))
+
+    @classmethod
+    def from_dict(cls, data: Mapping, where: str = "") -> Manifest:
+        """Refuse another format or version (FormatError), then build; a missing field is a FormatError."""
+        check_manifest(data)
+        return super().from_dict(data, where)
+
+    @property
+    def store_dtype(self) -> np.dtype:
+        """numpy dtype of the float members."""
+        return np.dtype(FLOAT_DTYPES[self.dtype])
+
+    def shards_of(self, split: str = TRAIN_SPLIT) -> tuple[ShardEntry, ...]:
+        """The published shards of one split, in manifest order."""
+        return tuple(s for s in self.shards if s.split == split)
+
+    def count(self, split: str = TRAIN_SPLIT) -> int:
+        """Number of samples in one split (from the per-shard counts)."""
+        return sum(s.count for s in self.shards_of(split))

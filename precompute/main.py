@@ -7,7 +7,6 @@ units this rank owns (skipping those already published), then rank 0 writes the 
 from __future__ import annotations
 
 import functools
-import json
 import os
 import sys
 import time
@@ -67,22 +66,6 @@ def load_models(config: PrecomputeConfig, device: torch.device) -> enc.Encoders:
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UsageError(f"cannot load the encoders: {first}") from exc
-
-
-def make_record(key: str, captions: list[str], meta: dict, arrays: dict[str, np.ndarray], store) -> dict:
-    """One shard record: member name -> bytes. Raises OverflowError if a value overflows the store dtype."""
-    record: dict = {"__key__": key, fmt.CAPTIONS: json.dumps(captions).encode(), fmt.META: json.dumps(meta).encode()}
-    for name, array in arrays.items():
-        if name == fmt.TEXT_LENGTHS:
-            record[name] = fmt.encode_array(array.astype(fmt.LENGTH_DTYPE))
-            continue
-        with np.errstate(over="ignore"):  # an overflow is reported below, as a skipped sample
-            stored = array.astype(store)
-        if not np.isfinite(stored).all():
-            peak = float(np.abs(array).max())
-            raise OverflowError(f"{name} overflows {np.dtype(store).name} (max |x| = {peak:.4g})")
-        record[name] = fmt.encode_array(stored)
-    return record
 
 
 def encode_batch(batch: dict, models: enc.Encoders, config: PrecomputeConfig) -> list[dict[str, np.ndarray]]:
@@ -148,8 +131,8 @@ def run(config: PrecomputeConfig) -> int:
         if batch["samples"]:
             for (key, split, captions, meta), arrays in zip(batch["samples"], encode_batch(batch, models, config)):
                 try:
-                    record = make_record(f"{batch['unit']:06d}_{positions.get(batch['unit'], 0):06d}", captions,
-                                         meta, arrays, store)
+                    record = fmt.make_record(fmt.record_key(batch["unit"], positions.get(batch["unit"], 0)),
+                                             captions, meta, arrays, store)
                 except OverflowError as exc:
                     skipped.append({"key": key, "reason": str(exc)})
                     continue
@@ -170,17 +153,17 @@ def run(config: PrecomputeConfig) -> int:
     return 0
 
 
-def summarize(manifest: dict, encoded_here: int, elapsed: float) -> None:
+def summarize(manifest: fmt.Manifest, encoded_here: int, elapsed: float) -> None:
     """Print the skip report and one line of totals."""
-    totals = manifest["totals"]
+    totals = manifest.totals
     rate = encoded_here / elapsed if elapsed > 0 else 0.0
-    for item in manifest["skipped"]:
-        print(f"skipped {item['key']}: {item['reason']}")
+    for item in manifest.skipped:
+        print(f"skipped {item.key}: {item.reason}")
     print(
-        f"precompute: {totals['samples']} images in {totals['shards']} shards "
-        f"({totals['train']['samples']} train, {totals['validation']['samples']} validation), "
-        f"{totals['skipped']} skipped, {totals['bytes']} bytes ({totals['bytes_per_sample']:.0f} bytes/sample), "
-        f"{encoded_here} encoded now at {rate:.1f} images/s -> {manifest['location']}"
+        f"precompute: {totals.samples} images in {totals.shards} shards "
+        f"({totals.train.samples} train, {totals.validation.samples} validation), "
+        f"{totals.skipped} skipped, {totals.bytes} bytes ({totals.bytes_per_sample:.0f} bytes/sample), "
+        f"{encoded_here} encoded now at {rate:.1f} images/s -> {manifest.location}"
     )
 
 

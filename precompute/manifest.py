@@ -54,7 +54,7 @@ def _config_dict(obj) -> dict:
     return config.to_dict() if hasattr(config, "to_dict") else {k: v for k, v in dict(config).items()}
 
 
-def encoder_identities(config: PrecomputeConfig, models: enc.Encoders) -> dict:
+def encoder_identities(config: PrecomputeConfig, models: enc.Encoders) -> dict[str, fmt.EncoderIdentity]:
     """Class, config and weight sha256 of every frozen component that was loaded."""
     sources = {
         "tokenizer": config.pretrained_prior_model_name_or_path,
@@ -70,20 +70,16 @@ def encoder_identities(config: PrecomputeConfig, models: enc.Encoders) -> dict:
             continue
         config_dict = _config_dict(obj)
         config_dict.pop("_name_or_path", None)
-        identities[name] = {
-            "path": path,
-            "subfolder": name,
-            "class": type(obj).__name__,
-            "config": json.loads(json.dumps(config_dict, default=str)),
-            "sha256": _sha256_files(_folder(path, name)),
-        }
+        identities[name] = fmt.EncoderIdentity(path, name, type(obj).__name__,
+                                               json.loads(json.dumps(config_dict, default=str)),
+                                               _sha256_files(_folder(path, name)))
     return identities
 
 
-def run_fingerprint(config: PrecomputeConfig, identities: dict) -> dict:
+def run_fingerprint(config: PrecomputeConfig, identities: dict[str, fmt.EncoderIdentity]) -> dict:
     """What decides shard contents; model paths are left out (the weights' sha256 identify them)."""
     settings = {k: v for k, v in config.fingerprint().items() if not k.startswith("pretrained_")}
-    encoders = {name: {"class": i["class"], "config": i["config"], "sha256": i["sha256"]}
+    encoders = {name: {"class": i.class_name, "config": i.config, "sha256": i.sha256}
                 for name, i in identities.items()}
     return {"format": fmt.FORMAT, "version": fmt.VERSION, "settings": settings, "encoders": encoders}
 
@@ -100,7 +96,7 @@ def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
     return out
 
 
-def check_or_record_run(config: PrecomputeConfig, identities: dict, state) -> None:
+def check_or_record_run(config: PrecomputeConfig, identities: dict[str, fmt.EncoderIdentity], state) -> None:
     """Refuse to mix two different encodings in one directory; record the fingerprint of a new one."""
     import fsspec
 
@@ -142,80 +138,93 @@ def load_progress(writer, units) -> list[dict]:
     return records
 
 
-def _rounded(tensor: torch.Tensor, store) -> list:
-    """Values as the trainer would read them from a shard (rounded to the storage dtype)."""
-    return tensor.float().cpu().numpy().astype(store).astype(np.float32).tolist()
+def _rounded(tensor: torch.Tensor, store) -> tuple:
+    """Values as the trainer would read them from a shard (rounded to the storage dtype), as tuples."""
+    values = tensor.float().cpu().numpy().astype(store).astype(np.float32)  # [E] or [L, H]
+    return tuple(map(tuple, values.tolist())) if values.ndim == 2 else tuple(values.tolist())
 
 
-def _text_entry(models: enc.Encoders, caption: str, store) -> dict:
-    input_ids, mask = enc.tokenize(models.tokenizer, [caption])  # [1, 77]
-    text_embeds, hidden = enc.encode_text(models.text_encoder, input_ids)  # [1, E], [1, 77, H]
+def _text_entry(models: enc.Encoders, caption: str, store) -> tuple[tuple, tuple, int]:
+    """(text_embeds [E], text_hidden [L, H], L) of one caption."""
+    input_ids, mask = enc.tokenize(models.tokenizer, [caption])  # [1, T], T = tokenizer.model_max_length
+    text_embeds, hidden = enc.encode_text(models.text_encoder, input_ids)  # [1, E], [1, T, H]
     length = int(mask.sum())
-    return {"text_embeds": _rounded(text_embeds[0], store), "text_hidden": _rounded(hidden[0, :length], store),
-            "text_length": length}
+    return _rounded(text_embeds[0], store), _rounded(hidden[0, :length], store), length
 
 
-def build_manifest(config: PrecomputeConfig, models: enc.Encoders, identities: dict, progress: list[dict]) -> dict:
-    """Merge the published units into manifest.json (written atomically) and return it."""
+def encoder_entries(
+    config: PrecomputeConfig, models: enc.Encoders
+) -> tuple[fmt.Shapes, fmt.Unconditional, tuple[fmt.PromptEncoding, ...]]:
+    """What the manifest takes from the encoders: shapes, unconditional and validation-prompt encodings."""
+    store = fmt.FLOAT_DTYPES[config.dtype]
+    zero = enc.zero_image_embeds(models.image_encoder, models.image_encoder.config.image_size)  # [E]
+    text = models.text_encoder is not None
+    latents = None
+    if models.movq is not None:
+        side = config.resolution // 2 ** (len(models.movq.config.block_out_channels) - 1)
+        latents = (models.movq.config.latent_channels, side, side)
+    shapes = fmt.Shapes(models.image_encoder.config.projection_dim,
+                        models.tokenizer.model_max_length if text else None,
+                        models.text_encoder.config.hidden_size if text else None,
+                        latents, config.resolution if latents else None)
+    unconditional = fmt.Unconditional(fmt.ZeroImage(_rounded(zero, store)),
+                                      fmt.TextEncoding(*_text_entry(models, "", store)) if text else None)
+    prompts = tuple(fmt.PromptEncoding(p, *_text_entry(models, p, store))
+                    for p in (config.validation_prompts if text else ()))
+    return shapes, unconditional, prompts
+
+
+def _preprocessing(shapes: fmt.Shapes) -> dict:
+    """The manifest's description of the preprocessing, for people (no reader relies on it)."""
+    return {
+        "tokenizer": {"padding": "max_length", "max_length": shapes.max_length, "truncation": True,
+                      "text_encoder_attention_mask": False},
+        "clip_image_processor": "image_processor subfolder of the prior (see encoders.image_processor)",
+        "exif_transpose": True,
+        "decoder": {"crop": "center square", "resize": "bicubic", "reducing_gap": 1,
+                    "resolution": shapes.resolution, "range": [-1, 1],
+                    "latents": "movq.encode(x).latents, unquantised, no scaling factor"},
+    }
+
+
+def assemble_manifest(
+    config: PrecomputeConfig,
+    identities: dict[str, fmt.EncoderIdentity],
+    entries: tuple[fmt.Shapes, fmt.Unconditional, tuple[fmt.PromptEncoding, ...]],
+    progress: list[dict],
+    created: str | None = None,
+) -> fmt.Manifest:
+    """The manifest of the published units (`progress`) and the encoders' `entries`; no model, no I/O.
+
+    `created` defaults to now (UTC, ISO 8601, seconds).
+    """
+    shapes, unconditional, prompts = entries
+    shards = tuple(sorted((fmt.ShardEntry.from_dict(s) for unit in progress for s in unit["shards"]),
+                          key=lambda s: s.name))
+    skipped = tuple(fmt.Skip.from_dict(s) for unit in progress for s in unit["skipped"])
+    return fmt.Manifest(
+        format=fmt.FORMAT, version=fmt.VERSION,
+        created=created or datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        location=config.output_dir, encode=config.encode, dtype=config.dtype,
+        members=fmt.ENCODE_MEMBERS[config.encode], config=config.to_dict(), encoders=identities,
+        preprocessing=_preprocessing(shapes), shapes=shapes, shards=shards,
+        totals=fmt.Totals.of(shards, len(skipped)), skipped=skipped, unconditional=unconditional,
+        validation_prompts=prompts,
+    )
+
+
+def write_manifest(output_dir: str, manifest: fmt.Manifest) -> None:
+    """Publish manifest.json atomically (readers see the old one or the new one)."""
     import fsspec
 
-    store = fmt.FLOAT_DTYPES[config.dtype]
-    shards = sorted((s for unit in progress for s in unit["shards"]), key=lambda s: s["name"])
-    skipped = [s for unit in progress for s in unit["skipped"]]
-    totals: dict = {"skipped": len(skipped)}
-    for split in (fmt.TRAIN_SPLIT, fmt.VALIDATION_SPLIT):
-        chosen = [s for s in shards if s["split"] == split]
-        totals[split] = {"samples": sum(s["count"] for s in chosen), "shards": len(chosen),
-                         "bytes": sum(s["bytes"] for s in chosen)}
-    totals["samples"] = totals["train"]["samples"] + totals["validation"]["samples"]
-    totals["shards"] = len(shards)
-    totals["bytes"] = sum(s["bytes"] for s in shards)
-    totals["bytes_per_sample"] = totals["bytes"] / max(totals["samples"], 1)
+    fs, root = fsspec.core.url_to_fs(output_dir)
+    write_json_atomic(fs, posixpath.join(root, fmt.MANIFEST_NAME), manifest.to_dict())
 
-    image_size = models.image_encoder.config.image_size
-    shapes = {"embedding_dim": models.image_encoder.config.projection_dim, "max_length": None,
-              "text_hidden_size": None, "latents": None, "resolution": None}
-    unconditional = {"zero_image": {"image_embeds": _rounded(enc.zero_image_embeds(models.image_encoder,
-                                                                                     image_size), store)},
-                     "empty_caption": None}
-    prompts = []
-    if models.text_encoder is not None:
-        shapes["max_length"] = models.tokenizer.model_max_length
-        shapes["text_hidden_size"] = models.text_encoder.config.hidden_size
-        unconditional["empty_caption"] = _text_entry(models, "", store)
-        prompts = [{"prompt": p, **_text_entry(models, p, store)} for p in config.validation_prompts]
-    if models.movq is not None:
-        factor = 2 ** (len(models.movq.config.block_out_channels) - 1)
-        side = config.resolution // factor
-        shapes["latents"] = [models.movq.config.latent_channels, side, side]
-        shapes["resolution"] = config.resolution
 
-    manifest = {
-        "format": fmt.FORMAT,
-        "version": fmt.VERSION,
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "location": config.output_dir,
-        "encode": config.encode,
-        "dtype": config.dtype,
-        "members": list(fmt.ENCODE_MEMBERS[config.encode]),
-        "config": config.to_dict(),
-        "encoders": identities,
-        "preprocessing": {
-            "tokenizer": {"padding": "max_length", "max_length": shapes["max_length"], "truncation": True,
-                          "text_encoder_attention_mask": False},
-            "clip_image_processor": "image_processor subfolder of the prior (see encoders.image_processor)",
-            "exif_transpose": True,
-            "decoder": {"crop": "center square", "resize": "bicubic", "reducing_gap": 1,
-                        "resolution": shapes["resolution"], "range": [-1, 1],
-                        "latents": "movq.encode(x).latents, unquantised, no scaling factor"},
-        },
-        "shapes": shapes,
-        "shards": shards,
-        "totals": totals,
-        "skipped": skipped,
-        "unconditional": unconditional,
-        "validation_prompts": prompts,
-    }
-    fs, root = fsspec.core.url_to_fs(config.output_dir)
-    write_json_atomic(fs, posixpath.join(root, fmt.MANIFEST_NAME), manifest)
+def build_manifest(
+    config: PrecomputeConfig, models: enc.Encoders, identities: dict[str, fmt.EncoderIdentity], progress: list[dict]
+) -> fmt.Manifest:
+    """Merge the published units into manifest.json (written atomically) and return it."""
+    manifest = assemble_manifest(config, identities, encoder_entries(config, models), progress)
+    write_manifest(config.output_dir, manifest)
     return manifest

@@ -30,16 +30,34 @@ def _join(location: str, name: str) -> str:
     return os.path.join(location, name)
 
 
-def load_manifest(location: str) -> dict:
-    """Load and check `manifest.json` of a precompute output directory or URL."""
+def _read_json(location: str) -> dict:
     path = location if location.endswith(".json") else _join(location, fmt.MANIFEST_NAME)
     try:
         with fsspec.open(path, "r") as handle:
-            manifest = json.load(handle)
+            return json.load(handle)
     except FileNotFoundError:
         raise FileNotFoundError(f"no cache manifest at {path}: run `python -m precompute` first") from None
-    fmt.check_manifest(manifest)
+
+
+def read_manifest(location: str) -> fmt.Manifest:
+    """Load `manifest.json` of a precompute output directory or URL (or the manifest's own path).
+
+    Raises FileNotFoundError without a manifest, FormatError for another format or version or a
+    missing field.
+    """
+    return fmt.Manifest.from_dict(_read_json(location))
+
+
+def load_manifest(location: str) -> dict:
+    """`read_manifest` as the plain JSON dict (dict API kept for the trainers until they read `read_manifest`)."""
+    manifest = _read_json(location)
+    fmt.Manifest.from_dict(manifest)  # the same checks as read_manifest
     return manifest
+
+
+def _typed(manifest: fmt.Manifest | dict) -> fmt.Manifest:
+    # A dict is the trainers' dict API (load_manifest), kept until they read `read_manifest`.
+    return manifest if isinstance(manifest, fmt.Manifest) else fmt.Manifest.from_dict(manifest)
 
 
 def cache_root(location: str) -> str:
@@ -49,15 +67,15 @@ def cache_root(location: str) -> str:
     return location
 
 
-def shard_urls(manifest: dict, location: str, split: str = fmt.TRAIN_SPLIT) -> list[str]:
+def shard_urls(manifest: fmt.Manifest | dict, location: str, split: str = fmt.TRAIN_SPLIT) -> list[str]:
     """URLs of the published shards of one split, in manifest order."""
     root = cache_root(location)
-    return [_join(root, s["name"]) for s in manifest["shards"] if s["split"] == split]
+    return [_join(root, s.name) for s in _typed(manifest).shards_of(split)]
 
 
-def split_count(manifest: dict, split: str = fmt.TRAIN_SPLIT) -> int:
+def split_count(manifest: fmt.Manifest | dict, split: str = fmt.TRAIN_SPLIT) -> int:
     """Number of samples in one split (from the per-shard counts)."""
-    return sum(s["count"] for s in manifest["shards"] if s["split"] == split)
+    return _typed(manifest).count(split)
 
 
 def decode_sample(raw: dict[str, Any]) -> dict[str, Any]:
@@ -85,30 +103,29 @@ def decode_samples(raws: Iterable[dict], handler=None) -> Iterator[dict]:
                 raise
 
 
-def unconditional_text(manifest: dict) -> dict[str, np.ndarray]:
-    """Cached encodings of the empty caption "" (classifier-free guidance dropout)."""
-    entry = manifest["unconditional"]["empty_caption"]
+def _text_arrays(encoding: fmt.TextEncoding | fmt.PromptEncoding) -> dict[str, np.ndarray]:
     return {
-        "text_embeds": np.asarray(entry["text_embeds"], dtype=np.float32),  # [E]
-        "text_hidden": np.asarray(entry["text_hidden"], dtype=np.float32),  # [L, H]
+        "text_embeds": np.asarray(encoding.text_embeds, dtype=np.float32),  # [E]
+        "text_hidden": np.asarray(encoding.text_hidden, dtype=np.float32),  # [L, H]
     }
 
 
-def zero_image_embeds(manifest: dict) -> np.ndarray:
+def unconditional_text(manifest: fmt.Manifest | dict) -> dict[str, np.ndarray]:
+    """Cached encodings of the empty caption "" (classifier-free guidance dropout); raises without them."""
+    empty = _typed(manifest).unconditional.empty_caption
+    if empty is None:
+        raise fmt.FormatError("the manifest has no empty-caption encodings (a cache made with --encode decoder)")
+    return _text_arrays(empty)
+
+
+def zero_image_embeds(manifest: fmt.Manifest | dict) -> np.ndarray:
     """Image embedding of an all-zero image: the decoder pipeline's negative embedding."""
-    return np.asarray(manifest["unconditional"]["zero_image"]["image_embeds"], dtype=np.float32)  # [E]
+    return np.asarray(_typed(manifest).unconditional.zero_image.image_embeds, dtype=np.float32)  # [E]
 
 
-def validation_prompts(manifest: dict) -> list[dict[str, Any]]:
+def validation_prompts(manifest: fmt.Manifest | dict) -> list[dict[str, Any]]:
     """Cached encodings of `--validation_prompts` given to precompute."""
-    return [
-        {
-            "prompt": entry["prompt"],
-            "text_embeds": np.asarray(entry["text_embeds"], dtype=np.float32),  # [E]
-            "text_hidden": np.asarray(entry["text_hidden"], dtype=np.float32),  # [L, H]
-        }
-        for entry in manifest.get("validation_prompts", [])
-    ]
+    return [{"prompt": p.prompt, **_text_arrays(p)} for p in _typed(manifest).validation_prompts]
 
 
 def _glob(url: str) -> list[str]:

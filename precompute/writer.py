@@ -21,6 +21,8 @@ from typing import Any
 import fsspec
 import webdataset as wds
 
+from .format import ShardEntry, shard_name
+
 PROGRESS_DIR = "_progress"
 RUN_FILE = "_progress/run.json"
 _STOP = object()
@@ -44,10 +46,6 @@ class HashingFile:
 
     def close(self) -> None:
         self.handle.close()
-
-
-def shard_name(split: str, unit: int, chunk: int) -> str:
-    return f"{split}-{unit:06d}-{chunk:03d}.tar"
 
 
 def progress_name(unit: int) -> str:
@@ -143,8 +141,7 @@ class CacheWriter:
             handle.close()
             name = shard_name(split, unit, writer.shard - 1)  # ShardWriter has already advanced
             self.fs.mv(fname, self.path(name))
-            state.shards.append({"name": name, "split": split, "count": writer.count,
-                                 "bytes": handle.size, "sha256": handle.sha256.hexdigest()})
+            state.shards.append(ShardEntry(name, split, writer.count, handle.size, handle.sha256.hexdigest()).to_dict())
 
         # encoder=False: members are already bytes. mtime=0 (an int) makes the tars reproducible; a float
         # mtime would add a PAX header to every member, roughly doubling small records and their parse time.
