@@ -65,7 +65,8 @@ def normalize_captions(cell: Any) -> list[str]:
     return captions
 
 
-def _captions_or_error(cell: Any) -> tuple[list[str] | None, str | None]:
+def captions_or_error(cell: Any) -> tuple[list[str] | None, str | None]:
+    """(normalised captions, None), or (None, "bad_caption: reason") for a cell to skip."""
     try:
         return normalize_captions(cell), None
     except BadCaption as exc:
@@ -122,7 +123,7 @@ class DatasetInputs:
         meta = {"source": self.source, "row": index, "path": path}
         captions, error = (None, None)
         if self.caption_column is not None:
-            captions, error = _captions_or_error(row[self.caption_column])
+            captions, error = captions_or_error(row[self.caption_column])
         image = cell.get("bytes")
         if image is None and path:
             try:

@@ -21,7 +21,7 @@ from . import encode as enc  # noqa: E402
 from . import format as fmt  # noqa: E402
 from .config import PrecomputeConfig, parse_args  # noqa: E402
 from .manifest import build_manifest, check_or_record_run, encoder_identities, load_progress  # noqa: E402
-from .units import UnitStream, assign, collate_identity, plan_units  # noqa: E402
+from .units import Batch, UnitStream, assign, collate_identity, plan_units  # noqa: E402
 from .writer import CacheWriter, progress_name  # noqa: E402
 
 
@@ -68,25 +68,24 @@ def load_models(config: PrecomputeConfig, device: torch.device) -> enc.Encoders:
         raise UsageError(f"cannot load the encoders: {first}") from exc
 
 
-def encode_batch(batch: dict, models: enc.Encoders, config: PrecomputeConfig) -> list[dict[str, np.ndarray]]:
+def encode_batch(batch: Batch, models: enc.Encoders, config: PrecomputeConfig) -> list[dict[str, np.ndarray]]:
     """Run the encoders on one batch; return per-sample arrays (float32, CPU)."""
-    samples = batch["samples"]
-    per_sample: list[dict[str, np.ndarray]] = [{} for _ in samples]
-    image_embeds = enc.encode_image_embeds(models.image_encoder, batch["clip_pixel_values"]).float().cpu()  # [B, E]
+    per_sample: list[dict[str, np.ndarray]] = [{} for _ in batch.samples]
+    image_embeds = enc.encode_image_embeds(models.image_encoder, batch.clip_pixel_values).float().cpu()  # [B, E]
     for out, row in zip(per_sample, image_embeds):
         out[fmt.IMAGE_EMBEDS] = row.numpy()
     if models.movq is not None:
-        latents = enc.encode_latents(models.movq, batch["pixel_values"]).float().cpu()  # [B, 4, r/8, r/8]
+        latents = enc.encode_latents(models.movq, batch.pixel_values).float().cpu()  # [B, 4, r/8, r/8]
         for out, lat in zip(per_sample, latents):
             out[fmt.LATENTS] = lat.numpy()
     if models.text_encoder is not None:
-        captions = [c for _, _, caps, _ in samples for c in caps]
-        input_ids, mask = enc.tokenize(models.tokenizer, captions)  # [N, 77], [N, 77]
-        text_embeds, hidden = enc.encode_text(models.text_encoder, input_ids)  # [N, E], [N, 77, H]
+        captions = [c for sample in batch.samples for c in sample.captions]
+        input_ids, mask = enc.tokenize(models.tokenizer, captions)  # [N, T], [N, T]
+        text_embeds, hidden = enc.encode_text(models.text_encoder, input_ids)  # [N, E], [N, T, H]
         trimmed = enc.trim_hidden(hidden.float().cpu(), mask)
         start = 0
-        for out, (_, _, caps, _) in zip(per_sample, samples):
-            stop = start + len(caps)
+        for out, sample in zip(per_sample, batch.samples):
+            stop = start + len(sample.captions)
             out[fmt.TEXT_EMBEDS] = text_embeds[start:stop].float().cpu().numpy()  # [C, E]
             out[fmt.TEXT_HIDDEN] = torch.cat(trimmed[start:stop]).numpy()  # [sum L, H]
             out[fmt.TEXT_LENGTHS] = mask[start:stop].sum(1).numpy()  # [C]
@@ -126,21 +125,21 @@ def run(config: PrecomputeConfig) -> int:
     pending: dict[int, list[dict]] = {}  # skip reports of each unit not yet published
     started = time.perf_counter()
     for batch in loader:
-        skipped = pending.setdefault(batch["unit"], [])
-        skipped.extend(batch["skipped"])
-        if batch["samples"]:
-            for (key, split, captions, meta), arrays in zip(batch["samples"], encode_batch(batch, models, config)):
+        skipped = pending.setdefault(batch.unit, [])
+        skipped.extend(batch.skipped)
+        if batch.samples:
+            for sample, arrays in zip(batch.samples, encode_batch(batch, models, config)):
                 try:
-                    record = fmt.make_record(fmt.record_key(batch["unit"], positions.get(batch["unit"], 0)),
-                                             captions, meta, arrays, store)
+                    record = fmt.make_record(fmt.record_key(batch.unit, positions.get(batch.unit, 0)),
+                                             sample.captions, sample.meta, arrays, store)
                 except OverflowError as exc:
-                    skipped.append({"key": key, "reason": str(exc)})
+                    skipped.append({"key": sample.key, "reason": str(exc)})
                     continue
-                positions[batch["unit"]] = positions.get(batch["unit"], 0) + 1
-                writer.put(batch["unit"], split, record)
-        bar.update(len(batch["samples"]) + len(batch["skipped"]))
-        if batch["last"]:
-            writer.end_unit(batch["unit"], pending.pop(batch["unit"]))
+                positions[batch.unit] = positions.get(batch.unit, 0) + 1
+                writer.put(batch.unit, sample.split, record)
+        bar.update(len(batch.samples) + len(batch.skipped))
+        if batch.last:
+            writer.end_unit(batch.unit, pending.pop(batch.unit))
     writer.close()
     bar.close()
     elapsed = time.perf_counter() - started

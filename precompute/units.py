@@ -15,7 +15,7 @@ import torch
 
 from . import format as fmt
 from .images import BadImage, decoder_transform, load_image
-from .inputs import BadCaption, RawItem, normalize_captions
+from .inputs import BadCaption, RawItem
 from .wds_inputs import iter_wds_inputs
 
 
@@ -50,14 +50,37 @@ def assign(units: Sequence[Unit], rank: int, world: int) -> list[Unit]:
     return [u for u in units if u.id % world == rank]
 
 
+@dataclass(frozen=True)
+class Sample:
+    """One image the encoders will see, without its pixels: where its record goes and what it holds."""
+
+    key: str  # source key
+    split: str  # fmt.TRAIN_SPLIT or fmt.VALIDATION_SPLIT
+    captions: list[str]  # normalised once, by the input reader (precompute.inputs.normalize_captions)
+    meta: dict  # the record's `json` member
+
+
+@dataclass
+class Batch:
+    """What the stream hands the encoding loop: images of one unit, and the unit's skips since the last batch.
+
+    The last batch of each unit has `last` True (and may hold no image), so the loop knows when to
+    publish the unit.
+    """
+
+    unit: int
+    last: bool
+    samples: list[Sample]
+    clip_pixel_values: torch.Tensor | None  # [B, 3, 224, 224] CLIP input; None when B = 0
+    pixel_values: torch.Tensor | None  # [B, 3, r, r] in [-1, 1] for MoVQ; None when B = 0 or no MoVQ
+    skipped: list[dict]  # {"key", "reason"}
+
+
 @dataclass
 class Prepared:
-    """One decoded, preprocessed image with its captions."""
+    """One decoded, preprocessed image."""
 
-    key: str
-    split: str
-    captions: list[str]
-    meta: dict
+    sample: Sample
     image: Any  # RGB PIL image for the CLIP processor
     pixel_values: torch.Tensor | None  # [3, r, r] in [-1, 1] for MoVQ, or None
 
@@ -66,20 +89,17 @@ def prepare(item: RawItem, split: str, resolution: int | None, min_size: int) ->
     """Decode and preprocess one raw item; raises BadImage/BadCaption for a sample to skip."""
     if item.error:
         raise BadImage(item.error)
-    captions = normalize_captions(item.captions)
+    if item.captions is None:  # only an input opened without a caption column
+        raise BadCaption("missing caption")
     image = load_image(item.image or b"", min_size=min_size)
     pixel_values = decoder_transform(image, resolution) if resolution else None  # [3, r, r]
     source = {k: v for k, v in (item.meta or {}).items() if k != "json"}  # img2dataset json may hold EXIF
     meta = {"key": item.key, "width": image.width, "height": image.height, **source}
-    return Prepared(item.key, split, captions, meta, image, pixel_values)
+    return Prepared(Sample(item.key, split, item.captions, meta), image, pixel_values)
 
 
 class UnitStream(torch.utils.data.IterableDataset):
-    """Yields one batch dict at a time: preprocessed images of a single unit plus skip reports.
-
-    Each unit ends with a batch whose `last` is True (possibly holding no image), so the main
-    process knows when to publish it.
-    """
+    """Yields one `Batch` at a time: preprocessed images of a single unit plus skip reports."""
 
     def __init__(
         self,
@@ -102,18 +122,12 @@ class UnitStream(torch.utils.data.IterableDataset):
         else:
             yield from iter_wds_inputs([unit.url], self.caption_column)
 
-    def _batch(self, unit: Unit, prepared: list[Prepared], skipped: list[dict], last: bool) -> dict:
-        return {
-            "unit": unit.id,
-            "last": last,
-            "samples": [(p.key, p.split, p.captions, p.meta) for p in prepared],
-            "clip_pixel_values": self.clip_preprocess([p.image for p in prepared]) if prepared else None,
-            "pixel_values": torch.stack([p.pixel_values for p in prepared])
-            if prepared and self.resolution else None,  # [B, 3, r, r]
-            "skipped": skipped,
-        }
+    def _batch(self, unit: Unit, prepared: list[Prepared], skipped: list[dict], last: bool) -> Batch:
+        clip = self.clip_preprocess([p.image for p in prepared]) if prepared else None  # [B, 3, 224, 224]
+        pixels = torch.stack([p.pixel_values for p in prepared]) if prepared and self.resolution else None
+        return Batch(unit.id, last, [p.sample for p in prepared], clip, pixels, skipped)
 
-    def __iter__(self) -> Iterator[dict]:
+    def __iter__(self) -> Iterator[Batch]:
         info = torch.utils.data.get_worker_info()
         units = self.units[info.id :: info.num_workers] if info else self.units
         for unit in units:
@@ -131,6 +145,6 @@ class UnitStream(torch.utils.data.IterableDataset):
             yield self._batch(unit, prepared, skipped, last=True)
 
 
-def collate_identity(batch: dict) -> dict:
+def collate_identity(batch: Batch) -> Batch:
     """DataLoader(batch_size=None) passes our own batches through unchanged."""
     return batch

@@ -1,7 +1,9 @@
 """img2dataset-style WebDataset tars as a stream of RawItems, read as raw bytes (nothing unpickled).
 
-webdataset has no fsspec support and takes a tar cut at a member header for its end; both are
-handled here. Tar-level errors go through webdataset's `handler` argument and are counted.
+Tars are opened with `fsspec.open`, as training opens cache shards, so every fsspec URL (local,
+s3://, memory://, ...) works without touching webdataset's global `gopen_schemes`. Python's tarfile
+takes a tar cut at a member header for its end; that is detected here. Tar-level errors go through
+webdataset's `handler` argument and are counted.
 """
 
 from __future__ import annotations
@@ -14,29 +16,21 @@ from typing import Any
 from urllib.parse import urlparse
 
 import fsspec
-import webdataset as wds
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
-from .inputs import DEFAULT_IMAGE_EXTS, RawItem, _captions_or_error
+from .inputs import DEFAULT_IMAGE_EXTS, RawItem, captions_or_error
 from .reader import LOCAL_SCHEMES, expand_urls
 
 
-
-def _fsspec_gopen(url: str, mode: str = "rb", bufsize: int = 8192, **kw: Any):
-    """webdataset has no fsspec support: this opener gives it every scheme fsspec knows."""
-    return fsspec.open(url, mode).open()
-
-
-def register_fsspec_scheme(url: str) -> None:
-    """Let webdataset open `url` through fsspec when no gopen handler knows its scheme."""
+def check_scheme(url: str) -> None:
+    """Refuse, with one clear line, a URL whose scheme fsspec cannot read (e.g. s3:// without s3fs)."""
     scheme = urlparse(url).scheme
-    if scheme in LOCAL_SCHEMES or scheme in wds.gopen_schemes:
+    if scheme in LOCAL_SCHEMES:
         return
     try:
         fsspec.get_filesystem_class(scheme)
     except (ImportError, ValueError) as exc:
         raise ValueError(f"cannot read {url}: fsspec has no usable '{scheme}' filesystem ({exc})") from exc
-    wds.gopen_schemes[scheme] = _fsspec_gopen
 
 
 def _exception_text(exc: Exception) -> str:
@@ -54,11 +48,11 @@ def _wds_captions(sample: dict, caption_column: str) -> tuple[list[str] | None, 
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             return None, f"bad_json: {exc}", None
         if isinstance(meta, dict) and caption_column in meta:
-            return *_captions_or_error(meta[caption_column]), meta
+            return *captions_or_error(meta[caption_column]), meta
     for member in (caption_column, "txt"):
         if member in sample and member != "json":
             try:
-                return *_captions_or_error(sample[member].decode("utf-8")), meta
+                return *captions_or_error(sample[member].decode("utf-8")), meta
             except UnicodeDecodeError as exc:
                 return None, f"bad_caption: {member} is not UTF-8 ({exc})", meta
     return None, f"no_caption: no '{caption_column}' in json and no txt member", meta
@@ -108,14 +102,19 @@ class _EndCheckedStream:
 
 
 def _open_shards(urls: Sequence[str], handler: Callable[[Exception], bool], problems: list[str]) -> Iterator[dict]:
-    """webdataset's url_opener, with the end-of-archive check added."""
+    """webdataset's url_opener through fsspec, with the end-of-archive check; each tar is closed after use."""
     for url in urls:
         try:
-            yield {"url": url, "stream": _EndCheckedStream(wds.gopen(url), url, problems)}
+            stream = fsspec.open(url, "rb").open()
         except Exception as exc:
             exc.args = exc.args + (url,)
             if not handler(exc):
                 break
+            continue
+        try:
+            yield {"url": url, "stream": _EndCheckedStream(stream, url, problems)}
+        finally:
+            stream.close()
 
 
 def iter_wds_inputs(
@@ -132,7 +131,7 @@ def iter_wds_inputs(
     """
     url_list = expand_urls(urls)
     for url in url_list:
-        register_fsspec_scheme(url)
+        check_scheme(url)
     problems: list[str] = []
 
     def handler(exc: Exception) -> bool:

@@ -38,13 +38,13 @@ def preprocessed_batches(argv: list[str], models, device: torch.device) -> list[
                         config.min_image_size)
     batches = []
     for batch in stream:
-        if not batch["samples"]:
+        if not batch.samples:
             continue
-        captions = [c for _, _, caps, _ in batch["samples"] for c in caps]
+        captions = [c for sample in batch.samples for c in sample.captions]
         input_ids, _ = enc.tokenize(models.tokenizer, captions)  # [N, 77]
-        batches.append({"images": len(batch["samples"]), "input_ids": input_ids.to(device),
-                        "clip_pixel_values": batch["clip_pixel_values"].to(device),
-                        "pixel_values": batch["pixel_values"].to(device)})
+        batches.append({"images": len(batch.samples), "input_ids": input_ids.to(device),
+                        "clip_pixel_values": batch.clip_pixel_values.to(device),
+                        "pixel_values": batch.pixel_values.to(device)})
     return batches
 
 

@@ -324,13 +324,18 @@ def test_expand_urls_sorts_dedups_and_refuses_missing_shards(sample, tmp_path):
         expand_urls(str(tmp_path / "*.tar"))
 
 
-def test_fsspec_urls_are_read_through_a_registered_opener(sample):
+def test_fsspec_urls_are_read_with_fsspec_open_leaving_webdataset_alone(sample):
     fs = fsspec.filesystem("memory")
     for shard in sample["shards"]:
         fs.pipe(f"/wds-test/{shard.name}", shard.read_bytes())
-    # precondition: webdataset itself cannot open memory:// (so the test exercises our opener)
-    assert "memory" not in wds.gopen_schemes or wds.gopen_schemes["memory"].__module__ == "precompute.inputs"
+    schemes = dict(wds.gopen_schemes)
     remote = list(iter_wds_inputs("memory://wds-test/shard-*.tar", "text"))
     local = list(iter_wds_inputs(sample["shard_pattern"], "text"))
     assert _as_tuples(remote) == _as_tuples(local)
     assert remote[0].meta["url"].startswith("memory://")
+    assert wds.gopen_schemes == schemes and "memory" not in wds.gopen_schemes  # no global opener registered
+
+
+def test_unreadable_scheme_is_one_clear_error(sample):
+    with pytest.raises(ValueError, match="fsspec has no usable 'nosuchfs' filesystem"):
+        list(iter_wds_inputs("nosuchfs://bucket/shard-000000.tar", "text"))

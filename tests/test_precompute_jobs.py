@@ -241,19 +241,32 @@ def test_encode_prior_loads_no_movq_and_omits_latents(tiny_models, sample_data, 
     assert members == {fmt.CAPTIONS, fmt.TEXT_EMBEDS, fmt.TEXT_HIDDEN, fmt.TEXT_LENGTHS, fmt.IMAGE_EMBEDS, fmt.META}
 
 
-def test_object_storage_output_through_fsspec(tiny_models, sample_data):
-    """Any fsspec URL works as --output_dir (memory:// here; s3:// with the s3 extra) and reads back."""
+def test_object_storage_input_and_output_through_fsspec(tiny_models, sample_data):
+    """Any fsspec URL works as --input_shards and --output_dir (memory:// here; s3:// with the s3 extra).
+
+    Input tars are opened with fsspec.open, as training opens shards: webdataset's global
+    gopen_schemes is left as it was.
+    """
+    import fsspec
     import webdataset as wds
+    from webdataset.tariterators import group_by_keys, tar_file_expander
 
     from precompute import reader
-    from precompute.wds_inputs import register_fsspec_scheme
 
+    fs = fsspec.filesystem("memory")
+    first = sorted(Path(sample_data["shard_pattern"]).parent.glob("*.tar"))[0]
+    fs.pipe(f"/kandinsky-input-test/{first.name}", first.read_bytes())
+    schemes = dict(wds.gopen_schemes)
     url = "memory://kandinsky-cache-test"
-    assert run_precompute(tiny_models, url, "--max_samples", "8", "--samples_per_shard", "4",
-                          source=["--train_data_dir", str(sample_data["imagefolder"])]) == 0
-    manifest = reader.load_manifest(url)
+    assert run_precompute(tiny_models, url, "--samples_per_shard", "8",
+                          source=["--input_shards", f"memory://kandinsky-input-test/{first.name}"]) == 0
+    assert wds.gopen_schemes == schemes and "memory" not in wds.gopen_schemes
+    manifest = reader.read_manifest(url)
     urls = reader.shard_urls(manifest, url)
     assert len(urls) == 2 and all(u.startswith("memory://") for u in urls)
-    register_fsspec_scheme(urls[0])
-    samples = list(reader.decode_samples(wds.WebDataset(urls, shardshuffle=False, nodesplitter=lambda x: x)))
-    assert sorted(s[fmt.META]["key"] for s in samples) == sample_data["keys"][:8]
+    samples = []
+    for shard in urls:
+        with fsspec.open(shard, "rb") as handle:
+            files = tar_file_expander([{"url": shard, "stream": handle}])
+            samples += [reader.decode_sample(raw) for raw in group_by_keys(files)]
+    assert sorted(s[fmt.META]["key"] for s in samples) == sample_data["keys"][:16]
