@@ -6,10 +6,10 @@ units this rank owns (skipping those already published), then rank 0 writes the 
 
 from __future__ import annotations
 
-import functools
 import os
 import sys
 import time
+from typing import Any
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -21,7 +21,7 @@ from . import encode as enc  # noqa: E402
 from . import format as fmt  # noqa: E402
 from .config import PrecomputeConfig, parse_args  # noqa: E402
 from .manifest import build_manifest, check_or_record_run, encoder_identities, load_progress  # noqa: E402
-from .units import Batch, UnitStream, assign, collate_identity, plan_units  # noqa: E402
+from .units import Batch, Unit, assign, build_stream, plan_units  # noqa: E402
 from .writer import CacheWriter, progress_name  # noqa: E402
 
 
@@ -42,6 +42,13 @@ def open_input(config: PrecomputeConfig):
         return open_imagefolder(config.train_data_dir, config.image_column, config.caption_column), None
     return open_hf_dataset(config.dataset_name, config.dataset_config_name, config.split, config.image_column,
                            config.caption_column, cache_dir=config.cache_dir), None
+
+
+def plan(config: PrecomputeConfig) -> tuple[Any | None, list[Unit]]:
+    """Open the input and cut it into units: (map-style dataset or None for tars, every unit)."""
+    dataset, urls = open_input(config)
+    num_rows = None if dataset is None else min(len(dataset), config.max_samples or len(dataset))
+    return dataset, plan_units(num_rows, urls, config.samples_per_shard, config.holdout_samples)
 
 
 def check_output(config: PrecomputeConfig) -> None:
@@ -101,23 +108,16 @@ def run(config: PrecomputeConfig) -> int:
     device = torch.device(config.device) if config.device else state.device
     if config.encode == "decoder" and config.validation_prompts:
         raise UsageError("--validation_prompts needs the text encoder: use --encode prior or all")
-    dataset, urls = open_input(config)
+    dataset, units = plan(config)
     check_output(config)
     models = load_models(config, device)
     identities = encoder_identities(config, models)
     check_or_record_run(config, identities, state)  # refuses another model/settings in the same dir
 
-    num_rows = None if dataset is None else min(len(dataset), config.max_samples or len(dataset))
-    units = plan_units(num_rows, urls, config.samples_per_shard, config.holdout_samples)
     writer = CacheWriter(config.output_dir, config.samples_per_shard, rank=state.process_index)
     todo = [u for u in assign(units, state.process_index, state.num_processes)
             if not writer.fs.exists(writer.path(progress_name(u.id)))]
-    resolution = config.resolution if models.movq is not None else None
-    stream = UnitStream(todo, dataset, config.caption_column, config.batch_size,
-                        functools.partial(enc.clip_pixel_values, models.image_processor), resolution,
-                        config.min_image_size)
-    loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=min(config.num_workers, len(todo)),
-                                         collate_fn=collate_identity)
+    loader = build_stream(config, dataset, todo, models.image_processor, latents=models.movq is not None)
     store = fmt.FLOAT_DTYPES[config.dtype]
     total = sum(len(u.rows) for u in todo) if dataset is not None else None
     bar = tqdm(total=total, unit="img", desc=f"precompute[{state.process_index}]", disable=not state.is_local_main_process)

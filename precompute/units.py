@@ -8,12 +8,15 @@ worker never mixes units inside one batch, so every unit can be published on its
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
+from . import encode as enc
 from . import format as fmt
+from .config import PrecomputeConfig
 from .images import BadImage, decoder_transform, load_image
 from .inputs import BadCaption, RawItem
 from .wds_inputs import iter_wds_inputs
@@ -148,3 +151,18 @@ class UnitStream(torch.utils.data.IterableDataset):
 def collate_identity(batch: Batch) -> Batch:
     """DataLoader(batch_size=None) passes our own batches through unchanged."""
     return batch
+
+
+def build_stream(
+    config: PrecomputeConfig, dataset: Any | None, units: Sequence[Unit], image_processor: Any, *, latents: bool
+) -> torch.utils.data.DataLoader:
+    """The stream precompute encodes: `Batch`es of `units`, decoded and preprocessed in `config.num_workers` workers.
+
+    `dataset` is the map-style input (None for input tars), `image_processor` the prior's
+    CLIPImageProcessor; `latents` also builds the MoVQ input at `config.resolution`.
+    """
+    stream = UnitStream(units, dataset, config.caption_column, config.batch_size,
+                        functools.partial(enc.clip_pixel_values, image_processor),  # picklable for spawned workers
+                        config.resolution if latents else None, config.min_image_size)
+    return torch.utils.data.DataLoader(stream, batch_size=None, num_workers=min(config.num_workers, len(units)),
+                                       collate_fn=collate_identity)

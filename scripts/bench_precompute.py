@@ -10,6 +10,7 @@ in device memory, so that only the forward passes are timed.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import shutil
 import time
@@ -23,25 +24,20 @@ LOOP_RATE = re.compile(r"encoded now at ([0-9.]+) images/s")
 
 
 def preprocessed_batches(argv: list[str], models, device: torch.device) -> list[dict]:
-    """The batches precompute would encode for `argv`, decoded, preprocessed and tokenized, on `device`."""
+    """The batches precompute would encode for `argv` (its own stream, in this one process), tokenized, on `device`."""
     from precompute import encode as enc
     from precompute.config import parse_args
-    from precompute.main import open_input
-    from precompute.units import UnitStream, plan_units
+    from precompute.main import plan
+    from precompute.units import build_stream
 
-    config = parse_args(argv)
-    dataset, urls = open_input(config)
-    num_rows = None if dataset is None else min(len(dataset), config.max_samples or len(dataset))
-    units = plan_units(num_rows, urls, config.samples_per_shard, config.holdout_samples)
-    stream = UnitStream(units, dataset, config.caption_column, config.batch_size,
-                        lambda images: enc.clip_pixel_values(models.image_processor, images), config.resolution,
-                        config.min_image_size)
+    config = dataclasses.replace(parse_args(argv), num_workers=0)  # preprocessing timed in this process
+    dataset, units = plan(config)
     batches = []
-    for batch in stream:
+    for batch in build_stream(config, dataset, units, models.image_processor, latents=True):
         if not batch.samples:
             continue
         captions = [c for sample in batch.samples for c in sample.captions]
-        input_ids, _ = enc.tokenize(models.tokenizer, captions)  # [N, 77]
+        input_ids, _ = enc.tokenize(models.tokenizer, captions)  # [N, T]
         batches.append({"images": len(batch.samples), "input_ids": input_ids.to(device),
                         "clip_pixel_values": batch.clip_pixel_values.to(device),
                         "pixel_values": batch.pixel_values.to(device)})
@@ -80,7 +76,7 @@ def bench_precompute(argv_for, work: Path, *, device: torch.device, mixed_precis
         for batch in batches:
             enc.encode_image_embeds(models.image_encoder, batch["clip_pixel_values"])  # [B, E]
             enc.encode_latents(models.movq, batch["pixel_values"])  # [B, 4, r/8, r/8]
-            enc.encode_text(models.text_encoder, batch["input_ids"])  # [N, E], [N, 77, H]
+            enc.encode_text(models.text_encoder, batch["input_ids"])  # [N, E], [N, T, H]
         sync(device)
         return num_images
 

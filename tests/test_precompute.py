@@ -192,6 +192,32 @@ def test_project_reader_matches_plain_reader(tiny_cache):
     assert seen == reader.split_count(manifest) == 56
 
 
+def test_stream_factory_gives_the_batches_precompute_encoded(tiny_models, sample_data, tiny_cache):
+    """build_stream (what precompute and its benchmark iterate) over tiny_cache's input: same images, same order."""
+    from transformers import CLIPImageProcessor
+
+    from precompute.config import PrecomputeConfig
+    from precompute.main import plan
+    from precompute.units import build_stream
+
+    manifest = reader.load_manifest(str(tiny_cache))
+    config = PrecomputeConfig(**manifest["config"])
+    dataset, units = plan(config)
+    processor = CLIPImageProcessor.from_pretrained(tiny_models[0], subfolder="image_processor")
+    seen: dict[str, list[str]] = {fmt.TRAIN_SPLIT: [], fmt.VALIDATION_SPLIT: []}
+    for batch in build_stream(config, dataset, units, processor, latents=True):
+        assert len(batch.samples) <= config.batch_size and not batch.skipped
+        if batch.samples:
+            assert batch.pixel_values.shape == (len(batch.samples), 3, 64, 64)
+            assert batch.clip_pixel_values.shape[0] == len(batch.samples)
+        for sample in batch.samples:
+            seen[sample.split].append(sample.key)
+    for split, keys in seen.items():
+        raws = wds.WebDataset(reader.shard_urls(manifest, str(tiny_cache), split), shardshuffle=False,
+                              nodesplitter=lambda x: x)
+        assert keys == [json.loads(raw["json"])["key"] for raw in raws]
+
+
 def test_reader_never_unpickles(tmp_path):
     """A shard member that would need pickle is refused, not executed."""
     # An object-dtype .npy member, written by hand (its payload would be a pickle).
