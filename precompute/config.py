@@ -12,6 +12,24 @@ from typing import Literal, Optional
 
 DEFAULT_PRIOR = "kandinsky-community/kandinsky-2-2-prior"
 DEFAULT_DECODER = "kandinsky-community/kandinsky-2-2-decoder"
+MIN_IMAGE_SIZE = 8  # px on the short side; smaller images carry no usable content
+
+# The fields left out of the run fingerprint, each with why it does not decide what a shard holds.
+# Every other field, including any added later, is part of it: a re-run into the same directory must
+# match them (deny by default).
+NOT_FINGERPRINTED = {
+    "output_dir": "where the cache goes, not what it holds",
+    "pretrained_prior_model_name_or_path": "the components' class, config and weight sha256 identify the model "
+    "(see manifest.run_fingerprint), so a moved or re-downloaded folder is the same model",
+    "pretrained_decoder_model_name_or_path": "as pretrained_prior_model_name_or_path",
+    "cache_dir": "where `datasets` keeps its downloads; the rows are the same",
+    "validation_prompts": "encoded into the manifest, not the shards, and encoded again at every merge",
+    "batch_size": "how many images share a forward pass: it may change the last bits of float results "
+    "(kernel choice), never what is encoded",
+    "num_workers": "how many processes decode images; the units and their order are fixed",
+    "device": "where the encoders run: like batch_size, it may change the last bits, never what is encoded",
+    "overwrite": "what to do with a cache made with other settings, not what the new one holds",
+}
 
 
 @dataclass
@@ -94,7 +112,7 @@ class PrecomputeConfig:
         default="no", metadata={"help": "Dtype the encoders run in (the stored dtype is --dtype)."}
     )
     min_image_size: int = field(
-        default=8, metadata={"help": "Images whose shorter side is below this many pixels are skipped."}
+        default=MIN_IMAGE_SIZE, metadata={"help": "Images whose shorter side is below this many pixels are skipped."}
     )
     max_samples: Optional[int] = field(
         default=None, metadata={"help": "Encode only the first N rows of --dataset_name/--train_data_dir "
@@ -122,15 +140,15 @@ class PrecomputeConfig:
             raise ValueError("--holdout_samples and --num_workers must be >= 0")
 
     def to_dict(self) -> dict:
+        """Every field, as the manifest's `config` records it."""
         return dataclasses.asdict(self)
 
     def fingerprint(self) -> dict:
-        """The settings that decide shard contents: a re-run must match them to resume into the same dir."""
-        keys = ("pretrained_prior_model_name_or_path", "pretrained_decoder_model_name_or_path", "dataset_name",
-                "dataset_config_name", "split", "train_data_dir", "input_shards", "image_column", "caption_column",
-                "encode", "resolution", "dtype", "samples_per_shard", "holdout_samples", "mixed_precision",
-                "min_image_size", "max_samples")
-        return {k: getattr(self, k) for k in keys}
+        """The settings that decide shard contents: every field but those of NOT_FINGERPRINTED.
+
+        A re-run must match them to resume into the same directory.
+        """
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in NOT_FINGERPRINTED}
 
 
 def parse_args(argv: list[str] | None = None) -> PrecomputeConfig:

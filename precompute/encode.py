@@ -12,7 +12,6 @@ from typing import Sequence
 
 import torch
 
-ENCODE_CHOICES = ("prior", "decoder", "all")
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -66,7 +65,7 @@ def load_encoders(
 
 
 def tokenize(tokenizer, captions: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Reference tokenisation: pad to model_max_length (77), truncate; returns ids and bool mask."""
+    """Reference tokenisation: pad to T = model_max_length (77 for CLIP), truncate; returns ids and bool mask."""
     inputs = tokenizer(
         list(captions),
         max_length=tokenizer.model_max_length,
@@ -74,7 +73,7 @@ def tokenize(tokenizer, captions: Sequence[str]) -> tuple[torch.Tensor, torch.Te
         truncation=True,
         return_tensors="pt",
     )
-    return inputs.input_ids, inputs.attention_mask.bool()  # [N, 77], [N, 77]
+    return inputs.input_ids, inputs.attention_mask.bool()  # [N, T], [N, T]
 
 
 @torch.inference_mode()
@@ -82,7 +81,7 @@ def encode_text(text_encoder: torch.nn.Module, input_ids: torch.Tensor) -> tuple
     """`text_encoder(input_ids)` without attention mask, as the reference prior script calls it."""
     device = next(text_encoder.parameters()).device
     output = text_encoder(input_ids.to(device))
-    return output.text_embeds, output.last_hidden_state  # [N, E], [N, 77, H]
+    return output.text_embeds, output.last_hidden_state  # [N, E], [N, T, H]
 
 
 def clip_pixel_values(image_processor, images: list) -> torch.Tensor:

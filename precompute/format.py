@@ -147,7 +147,7 @@ def _many(cls: type) -> dict:
 
 
 def _named(cls: type) -> dict:
-    return {"parse": lambda items, where: {name: cls.from_dict(item, f"{where}{name}.") for name, item in items.items()}}
+    return {"parse": lambda items, where: {key: cls.from_dict(item, f"{where}{key}.") for key, item in items.items()}}
 
 
 class _Record:

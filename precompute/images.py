@@ -3,8 +3,8 @@
 Every input path (hub dataset, imagefolder, WebDataset) hands raw bytes to `load_image`, so the
 same file gives the same pixels whatever its source: EXIF orientation is applied as `datasets`'
 `Image` feature does (the reference scripts load through it). A bad image raises `BadImage`
-instead of crashing the job or loading as grey (see docs/PITFALLS: we never set
-`LOAD_TRUNCATED_IMAGES` nor lift `MAX_IMAGE_PIXELS`).
+instead of crashing the job or loading as grey: we never set `LOAD_TRUNCATED_IMAGES` (a truncated
+JPEG would load as grey) nor lift `MAX_IMAGE_PIXELS` (a tiny PNG can declare 900 M pixels).
 
 Deliberate differences from the reference's plain `image.convert("RGB")`, for images it mangles:
 - 16-bit grayscale (`I;16*`, `I`) is scaled to 8 bit; `convert("RGB")` clips it to near white.
@@ -22,7 +22,6 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-DEFAULT_MIN_SIZE = 8  # px on the short side; smaller images carry no usable content
 BACKGROUND = (255, 255, 255, 255)  # transparent pixels are shown on white
 SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 SIXTEEN_TO_EIGHT = 257.0  # 65535 / 255: maps the full 16-bit range onto 0..255
@@ -81,11 +80,11 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def load_image(data: bytes, min_size: int = DEFAULT_MIN_SIZE) -> Image.Image:
+def load_image(data: bytes, min_size: int) -> Image.Image:
     """Decode image bytes to an RGB PIL image (EXIF orientation applied, first frame if animated).
 
     Raises BadImage for empty, undecodable, truncated, oversized (decompression bomb) or too small
-    (short side < `min_size`) images.
+    (short side < `min_size` px; the job passes --min_image_size) images.
     """
     if not data:
         raise BadImage("empty: no image bytes")

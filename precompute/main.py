@@ -29,8 +29,8 @@ class UsageError(Exception):
     """A problem found before any work: printed as one line, exit code 2."""
 
 
-def open_input(config: PrecomputeConfig):
-    """Return (map-style dataset or None, tar URLs or None) for the one input the user gave."""
+def open_input(config: PrecomputeConfig) -> tuple[Any | None, list[str] | None]:
+    """(map-style dataset or None, tar URLs or None) for the one input the user gave; UsageError if missing."""
     from .inputs import open_hf_dataset, open_imagefolder
     from .reader import expand_urls
 
@@ -66,6 +66,7 @@ def check_output(config: PrecomputeConfig) -> None:
 
 
 def load_models(config: PrecomputeConfig, device: torch.device) -> enc.Encoders:
+    """The frozen encoders `--encode` needs; UsageError (one line) when they cannot be loaded."""
     try:
         return enc.load_encoders(config.pretrained_prior_model_name_or_path,
                                  config.pretrained_decoder_model_name_or_path, config.encode, device,
@@ -101,6 +102,7 @@ def encode_batch(batch: Batch, models: enc.Encoders, config: PrecomputeConfig) -
 
 
 def run(config: PrecomputeConfig) -> int:
+    """Encode this rank's unpublished units, then (rank 0) write the manifest; returns the exit code."""
     from accelerate import PartialState
 
     # cpu=True on a machine without GPU: otherwise accelerate ignores torchrun's ranks on CPU (one process).
@@ -120,7 +122,8 @@ def run(config: PrecomputeConfig) -> int:
     loader = build_stream(config, dataset, todo, models.image_processor, latents=models.movq is not None)
     store = fmt.FLOAT_DTYPES[config.dtype]
     total = sum(len(u.rows) for u in todo) if dataset is not None else None
-    bar = tqdm(total=total, unit="img", desc=f"precompute[{state.process_index}]", disable=not state.is_local_main_process)
+    bar = tqdm(total=total, unit="img", desc=f"precompute[{state.process_index}]",
+               disable=not state.is_local_main_process)
     positions: dict[int, int] = {}
     pending: dict[int, list[dict]] = {}  # skip reports of each unit not yet published
     started = time.perf_counter()

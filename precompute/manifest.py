@@ -77,8 +77,8 @@ def encoder_identities(config: PrecomputeConfig, models: enc.Encoders) -> dict[s
 
 
 def run_fingerprint(config: PrecomputeConfig, identities: dict[str, fmt.EncoderIdentity]) -> dict:
-    """What decides shard contents; model paths are left out (the weights' sha256 identify them)."""
-    settings = {k: v for k, v in config.fingerprint().items() if not k.startswith("pretrained_")}
+    """What decides shard contents: the config's fingerprint, and class, config and weight sha256 of the encoders."""
+    settings = config.fingerprint()
     encoders = {name: {"class": i.class_name, "config": i.config, "sha256": i.sha256}
                 for name, i in identities.items()}
     return {"format": fmt.FORMAT, "version": fmt.VERSION, "settings": settings, "encoders": encoders}

@@ -1,7 +1,8 @@
-"""Read the cache: manifest, shard URLs and safe sample decoding.
+"""Read the cache: the typed manifest, shard URLs, safe sample decoding, input URL expansion.
 
 Imports the format module only (never the writer). Decoding reads raw tar bytes and parses them
-with `np.load(allow_pickle=False)` / `json`, so that a hostile shard cannot execute code.
+with `format.decode_array` (an `.npy` reader that refuses object arrays) / `json`, so that a hostile
+shard cannot execute code.
 """
 
 from __future__ import annotations

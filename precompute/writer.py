@@ -49,6 +49,7 @@ class HashingFile:
 
 
 def progress_name(unit: int) -> str:
+    """Path, relative to the output directory, of a unit's progress record (its publication mark)."""
     return f"{PROGRESS_DIR}/unit-{unit:06d}.json"
 
 
@@ -83,10 +84,12 @@ class CacheWriter:
 
     # -- compute-thread side -------------------------------------------------------------------
     def put(self, unit: int, split: str, record: dict[str, Any]) -> None:
+        """Queue one record for the unit's shard of `split`; raises if the writer thread failed."""
         self._raise_if_failed()
         self.queue.put(("record", unit, split, record))
 
     def end_unit(self, unit: int, skipped: list[dict]) -> None:
+        """Queue the unit's publication: close its shards, rename them, write its progress record."""
         self._raise_if_failed()
         self.queue.put(("end", unit, skipped, None))
 
@@ -160,7 +163,8 @@ class CacheWriter:
         state = self.units.pop(unit, UnitState())
         for writer in state.writers.values():
             writer.close()
-        progress = {"unit": unit, "rank": self.rank, "samples": state.samples, "shards": state.shards, "skipped": skipped}
+        progress = {"unit": unit, "rank": self.rank, "samples": state.samples, "shards": state.shards,
+                    "skipped": skipped}
         write_json_atomic(self.fs, self.path(progress_name(unit)), progress)
         self.published.append(progress)
 

@@ -26,6 +26,7 @@ def padded_prior_bytes(captions: int, samples: int, shapes: dict, itemsize: int)
 
 
 def main() -> None:
+    """Parse the command line and print the summary."""
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("cache", help="precompute --output_dir (local path or fsspec URL)")
     args = parser.parse_args()

@@ -23,6 +23,7 @@ import torch  # noqa: E402
 import webdataset as wds  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from precompute.config import MIN_IMAGE_SIZE as MIN_SIZE  # noqa: E402 - the --min_image_size default
 from precompute.images import BadImage, center_crop, decoder_transform, load_image  # noqa: E402
 from precompute.inputs import BadCaption, normalize_captions, open_hf_dataset, open_imagefolder  # noqa: E402
 from precompute.reader import expand_urls  # noqa: E402
@@ -76,7 +77,7 @@ def test_exif_rotation_is_applied_like_the_datasets_image_feature():
     exif[EXIF_ORIENTATION] = ROTATE_90
     data = _encode(_noise(40, 20), "JPEG", exif=exif)
     assert Image.open(io.BytesIO(data)).size == (40, 20)
-    image = load_image(data)
+    image = load_image(data, min_size=MIN_SIZE)
     assert image.size == (20, 40)
     reference = datasets.Image().decode_example({"bytes": data, "path": None}).convert("RGB")
     assert np.array_equal(np.asarray(image), np.asarray(reference))
@@ -85,7 +86,7 @@ def test_exif_rotation_is_applied_like_the_datasets_image_feature():
 def test_sixteen_bit_grayscale_is_scaled_not_clipped_to_white():
     data = _encode(Image.fromarray(np.full((16, 16), 32896, dtype=np.uint16)), "PNG")  # 32896 = 128 * 257
     assert Image.open(io.BytesIO(data)).convert("RGB").getpixel((0, 0)) == (255, 255, 255)  # the trap
-    assert load_image(data).getpixel((0, 0)) == (128, 128, 128)
+    assert load_image(data, min_size=MIN_SIZE).getpixel((0, 0)) == (128, 128, 128)
 
 
 def test_palette_with_transparency_is_composited_on_white_without_warnings():
@@ -98,7 +99,7 @@ def test_palette_with_transparency_is_composited_on_white_without_warnings():
     assert record
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        image = load_image(data)
+        image = load_image(data, min_size=MIN_SIZE)
     assert image.mode == "RGB"
     assert image.getpixel((5, 5)) == (255, 255, 255)
     assert image.getpixel((0, 0)) == (127, 127, 255)
@@ -107,7 +108,7 @@ def test_palette_with_transparency_is_composited_on_white_without_warnings():
 def test_animated_image_gives_its_first_frame():
     frames = [Image.new("RGB", (16, 16), color) for color in ((255, 0, 0), (0, 255, 0))]
     data = _encode(frames[0], "GIF", save_all=True, append_images=frames[1:])
-    assert load_image(data).getpixel((0, 0)) == (255, 0, 0)
+    assert load_image(data, min_size=MIN_SIZE).getpixel((0, 0)) == (255, 0, 0)
 
 
 @pytest.mark.parametrize(
@@ -123,13 +124,13 @@ def test_animated_image_gives_its_first_frame():
 )
 def test_bad_images_raise_bad_image(name, make, reason):
     with pytest.raises(BadImage) as info:
-        load_image(make())
+        load_image(make(), min_size=MIN_SIZE)
     assert info.value.reason.startswith(reason)
 
 
 def test_min_size_is_configurable():
     data = _encode(_noise(12, 30), "PNG")
-    assert load_image(data).size == (12, 30)
+    assert load_image(data, min_size=MIN_SIZE).size == (12, 30)
     with pytest.raises(BadImage, match="too_small"):
         load_image(data, min_size=16)
 
@@ -221,7 +222,7 @@ def test_hf_dataset_with_embedded_bytes_and_bad_rows_does_not_raise(tmp_path, hf
     assert [item.error for item in items[:2]] == [None, None]
     assert items[0].image == good and items[0].captions == ["a red circle"]
     with pytest.raises(BadImage):
-        load_image(items[1].image)  # decoding is the job's step, inside its error policy
+        load_image(items[1].image, min_size=MIN_SIZE)  # decoding is the job's step, inside its error policy
     assert items[2].error.startswith("bad_caption")
 
 
