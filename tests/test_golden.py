@@ -1,0 +1,59 @@
+"""The golden cache (tests/data/golden/): the committed bytes decode to the expected values, and the
+product's writer still produces exactly those bytes. No model is built, so format drift fails in
+well under a second. After an intended format change: `python scripts/make_golden_cache.py`, and
+bump precompute.format.VERSION if a reader is affected (docs/cache-format.md, "Versions")."""
+
+from __future__ import annotations
+
+import hashlib
+
+import fsspec
+import numpy as np
+from make_golden_cache import (CREATED, GOLDEN, PROMPT, SKIPPED, expected_records, make_golden_cache,
+                               manifest_entries)
+from webdataset.tariterators import group_by_keys, tar_file_expander
+
+from precompute import format as fmt
+from precompute import reader
+
+REGENERATE = "the cache format drifted from tests/data/golden/; see this file's docstring"
+
+
+def read_records(url: str) -> list[dict]:
+    """Decoded records of one shard, read as training reads shards (fsspec + webdataset's tar iterator)."""
+    with fsspec.open(url, "rb") as handle:
+        return [reader.decode_sample(raw) for raw in group_by_keys(tar_file_expander([{"url": url, "stream": handle}]))]
+
+
+def test_golden_files_decode_to_the_synthetic_values():
+    manifest = reader.read_manifest(str(GOLDEN))
+    assert (manifest.format, manifest.version, manifest.created) == (fmt.FORMAT, fmt.VERSION, CREATED)
+    assert manifest.members == fmt.ENCODE_MEMBERS["all"] and manifest.store_dtype == np.float16
+    shapes, unconditional, prompts = manifest_entries()
+    assert (manifest.shapes, manifest.unconditional, manifest.validation_prompts) == (shapes, unconditional, prompts)
+    np.testing.assert_array_equal(reader.zero_image_embeds(manifest), unconditional.zero_image.image_embeds)
+    assert [p["prompt"] for p in reader.validation_prompts(manifest)] == [PROMPT]
+    assert manifest.skipped == (fmt.Skip(**SKIPPED),) and manifest.totals.skipped == 1
+    expected = expected_records()
+    (shard,) = manifest.shards_of(fmt.TRAIN_SPLIT)
+    data = (GOLDEN / shard.name).read_bytes()
+    assert shard.name == fmt.shard_name(fmt.TRAIN_SPLIT, 0, 0) and shard.count == len(expected)
+    assert (shard.bytes, shard.sha256) == (len(data), hashlib.sha256(data).hexdigest())
+    assert manifest.totals.train == fmt.SplitTotals(len(expected), 1, len(data))
+
+    records = read_records(reader.shard_urls(manifest, str(GOLDEN))[0])
+    assert [r["__key__"] for r in records] == [e["key"] for e in expected] == ["000000_000000", "000000_000001"]
+    for record, want in zip(records, expected):
+        assert record[fmt.CAPTIONS] == want["captions"] and record[fmt.META] == want["meta"]
+        for name, array in want["arrays"].items():
+            dtype = fmt.LENGTH_DTYPE if name == fmt.TEXT_LENGTHS else np.float16
+            assert record[name].dtype == dtype and record[name].shape == array.shape, name
+            np.testing.assert_array_equal(record[name], array.astype(dtype))  # values exact in fp16
+        parts = fmt.split_hidden(record[fmt.TEXT_HIDDEN], record[fmt.TEXT_LENGTHS])
+        assert [len(p) for p in parts] == list(want["arrays"][fmt.TEXT_LENGTHS])
+
+
+def test_writer_reproduces_the_golden_bytes(tmp_path):
+    for path in make_golden_cache(tmp_path):
+        assert path.read_bytes() == (GOLDEN / path.name).read_bytes(), f"{path.name}: {REGENERATE}"
+    assert sorted(p.name for p in GOLDEN.iterdir()) == sorted(p.name for p in tmp_path.iterdir())
