@@ -17,7 +17,7 @@ import numpy as np
 from .npy import FormatError, decode_array, encode_array  # noqa: F401 - part of the format's API
 
 FORMAT = "kandinsky22-embedding-cache"
-VERSION = 1
+VERSION = 2  # 2: per-shard index files (record offsets + sha256), see precompute/shard_index.py
 MANIFEST_NAME = "manifest.json"
 
 # Member names (the part after the sample key in the tar, e.g. "000042.image_embeds.npy").
@@ -170,14 +170,24 @@ class _Record:
 
 
 @dataclass(frozen=True)
+class IndexEntry(_Record):
+    """A shard's index file (precompute/shard_index.py): name beside the shard, size, sha256."""
+
+    name: str
+    bytes: int
+    sha256: str
+
+
+@dataclass(frozen=True)
 class ShardEntry(_Record):
-    """One published shard: its file name (relative to the manifest), split, records, size, sha256."""
+    """One published shard: its file name (relative to the manifest), split, records, size, sha256, index."""
 
     name: str
     split: str
     count: int
     bytes: int
     sha256: str
+    index: IndexEntry = field(metadata=_one(IndexEntry))
 
 
 @dataclass(frozen=True)

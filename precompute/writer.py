@@ -5,6 +5,11 @@ written with webdataset's `ShardWriter` under temporary names; when the unit end
 is renamed to its final name and then a small progress record (`_progress/unit-N.json`) is written.
 A unit is published exactly when its progress record exists, so a re-run after a crash redoes only
 unpublished units and never duplicates or loses a sample.
+
+Each shard gets its index (`NAME.idx.json`, see precompute/shard_index.py) built while the tar is
+streamed: after every record the tar's offset marks where that record ends, and the sink hashes the
+bytes between two marks as they pass through on their way to storage. The index is written under its
+final name before the unit's progress record, like the shard itself.
 """
 
 from __future__ import annotations
@@ -15,37 +20,97 @@ import posixpath
 import queue
 import threading
 import uuid
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
 import fsspec
 import webdataset as wds
 
-from .format import ShardEntry, shard_name
+from .format import IndexEntry, ShardEntry, shard_name
+from .shard_index import ShardIndex, index_name, sha256_hex
 
 PROGRESS_DIR = "_progress"
 RUN_FILE = "_progress/run.json"
 _STOP = object()
 
 
-class HashingFile:
-    """Write-through file wrapper that counts bytes and computes sha256 as the tar is streamed."""
+class ShardSink:
+    """The file a shard is streamed into: counts bytes, hashes the whole file and each record's bytes.
+
+    `end_record(key, offset)` marks where a record ends in the tar (the TarFile's offset right after
+    the record was added). tarfile buffers its output, so the bytes up to that mark may reach `write`
+    later; `write` cuts the stream at each pending mark, so record i's digest covers exactly its bytes
+    `[offset_i, offset_i + size_i)`. Bytes after the last mark are the end-of-archive blocks.
+    """
 
     def __init__(self, handle) -> None:
         self.handle = handle
         self.sha256 = hashlib.sha256()
         self.size = 0
+        self.pending: deque[tuple[str, int]] = deque()  # (key, end offset) not yet fully written
+        self.record = hashlib.sha256()
+        self.start = 0
+        self.keys: list[str] = []
+        self.offsets: list[int] = []
+        self.sizes: list[int] = []
+        self.digests: list[str] = []
+
+    def end_record(self, key: str, offset: int) -> None:
+        self.pending.append((key, offset))
+        self._cut()
 
     def write(self, data) -> int:
-        self.sha256.update(data)
-        self.size += len(data)
-        return self.handle.write(data)
+        view = memoryview(data)
+        while self.pending and self.size + len(view) >= self.pending[0][1]:
+            head = self.pending[0][1] - self.size
+            self._consume(view[:head])
+            view = view[head:]
+            self._cut()
+        self._consume(view)
+        return len(data)
+
+    def _consume(self, view: memoryview) -> None:
+        if view:
+            self.sha256.update(view)
+            self.record.update(view)
+            self.size += len(view)
+            self.handle.write(view)
+
+    def _cut(self) -> None:
+        """Close every pending record whose last byte has been written."""
+        while self.pending and self.size >= self.pending[0][1]:
+            key, end = self.pending.popleft()
+            self.keys.append(key)
+            self.offsets.append(self.start)
+            self.sizes.append(end - self.start)
+            self.digests.append(self.record.hexdigest())
+            self.record, self.start = hashlib.sha256(), end
+
+    def index(self, shard: str) -> ShardIndex:
+        """The shard's index, once the tar is closed (every record's bytes have been written)."""
+        if self.pending:
+            raise RuntimeError(f"{shard}: {len(self.pending)} record(s) were never written out")
+        return ShardIndex(shard, self.size, tuple(self.keys), tuple(self.offsets), tuple(self.sizes),
+                          tuple(self.digests))
 
     def flush(self) -> None:
         self.handle.flush()
 
     def close(self) -> None:
         self.handle.close()
+
+
+def _tar_offset(writer: wds.ShardWriter) -> int:
+    """Bytes of the current tar so far: ShardWriter -> webdataset TarWriter -> tarfile.TarFile.offset.
+
+    TarFile.offset (stdlib) is the archive position after the last member added; webdataset has no
+    public accessor for it. Checked on first use so that a webdataset change fails loudly, not silently.
+    """
+    tar = getattr(getattr(writer, "tarstream", None), "tarstream", None)
+    if not isinstance(getattr(tar, "offset", None), int):
+        raise RuntimeError("webdataset's ShardWriter no longer exposes its tarfile: cannot index shards")
+    return tar.offset
 
 
 def progress_name(unit: int) -> str:
@@ -58,6 +123,7 @@ class UnitState:
     """Open writers of one unit (one per split) and what it has published or skipped so far."""
 
     writers: dict[str, wds.ShardWriter] = field(default_factory=dict)
+    sinks: dict[str, ShardSink] = field(default_factory=dict)  # the file each split's current shard goes to
     shards: list[dict] = field(default_factory=list)
     skipped: list[dict] = field(default_factory=list)
     samples: int = 0
@@ -130,10 +196,10 @@ class CacheWriter:
         if split in state.writers:
             return state.writers[split]
         pattern = self.path(f"{split}-{unit:06d}-%03d.tar.tmp-{uuid.uuid4().hex[:8]}")
-        handles: dict[str, HashingFile] = {}
+        handles: dict[str, ShardSink] = {}
 
-        def opener(fname: str) -> HashingFile:
-            handles[fname] = HashingFile(self.fs.open(fname, "wb"))
+        def opener(fname: str) -> ShardSink:
+            handles[fname] = state.sinks[split] = ShardSink(self.fs.open(fname, "wb"))
             return handles[fname]
 
         def post(fname: str) -> None:
@@ -143,8 +209,13 @@ class CacheWriter:
             handle = handles.pop(fname)
             handle.close()
             name = shard_name(split, unit, writer.shard - 1)  # ShardWriter has already advanced
+            index = handle.index(name).to_json()
+            with self.fs.open(self.path(index_name(name)), "wb") as out:
+                out.write(index)
             self.fs.mv(fname, self.path(name))
-            state.shards.append(ShardEntry(name, split, writer.count, handle.size, handle.sha256.hexdigest()).to_dict())
+            entry = ShardEntry(name, split, writer.count, handle.size, handle.sha256.hexdigest(),
+                               IndexEntry(index_name(name), len(index), sha256_hex(index)))
+            state.shards.append(entry.to_dict())
 
         # encoder=False: members are already bytes. mtime=0 (an int) makes the tars reproducible; a float
         # mtime would add a PAX header to every member, roughly doubling small records and their parse time.
@@ -156,7 +227,9 @@ class CacheWriter:
 
     def _write(self, unit: int, split: str, record: dict[str, Any]) -> None:
         state = self.units.setdefault(unit, UnitState())
-        self._writer(state, unit, split).write(record)
+        writer = self._writer(state, unit, split)
+        writer.write(record)
+        state.sinks[split].end_record(record["__key__"], _tar_offset(writer))
         state.samples += 1
 
     def _publish(self, unit: int, skipped: list[dict]) -> None:

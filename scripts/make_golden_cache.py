@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Write the golden cache tests/data/golden/: one tiny shard and its manifest.json, no model built.
+"""Write the golden cache tests/data/golden/: one tiny shard, its index and manifest.json, no model built.
 
 The records go through the product's own code (format.make_record, the CacheWriter, the manifest's
 assembly and atomic write), but every array is synthetic and deterministic (E = H = 4, latents
@@ -24,6 +24,7 @@ import numpy as np
 from precompute import format as fmt
 from precompute.config import PrecomputeConfig
 from precompute.manifest import assemble_manifest, write_manifest
+from precompute.shard_index import index_name
 from precompute.writer import PROGRESS_DIR, CacheWriter
 
 GOLDEN = Path(__file__).resolve().parents[1] / "tests" / "data" / "golden"
@@ -98,9 +99,10 @@ def make_golden_cache(out: Path) -> list[Path]:
         writer.end_unit(UNIT, [SKIPPED])
         progress = writer.close()
         shard = fmt.shard_name(fmt.TRAIN_SPLIT, UNIT, 0)
-        shutil.copyfile(Path(tmp) / shard, out / shard)
+        for name in (shard, index_name(shard)):
+            shutil.copyfile(Path(tmp) / name, out / name)
     write_manifest(str(out), assemble_manifest(config, identities(), manifest_entries(), progress, created=CREATED))
-    return [out / shard, out / fmt.MANIFEST_NAME]
+    return [out / shard, out / index_name(shard), out / fmt.MANIFEST_NAME]
 
 
 def main() -> None:

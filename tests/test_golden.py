@@ -11,18 +11,22 @@ import fsspec
 import numpy as np
 from make_golden_cache import (CREATED, GOLDEN, PROMPT, SKIPPED, expected_records, make_golden_cache,
                                manifest_entries)
-from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from precompute import format as fmt
 from precompute import reader
+from precompute.shard_index import ShardIndex, index_name, scan_tar
+from precompute.shard_index import read_records as read_records_of
 
 REGENERATE = "the cache format drifted from tests/data/golden/; see this file's docstring"
 
 
-def read_records(url: str) -> list[dict]:
-    """Decoded records of one shard, read as training reads shards (fsspec + webdataset's tar iterator)."""
+def read_records(url: str, entry: fmt.ShardEntry) -> list[dict]:
+    """Decoded records of one shard, each verified against the shard's index (as training reads them)."""
+    index_url = url[: -len(".tar")] + ".idx.json"
+    with fsspec.open(index_url, "rb") as handle:
+        index = ShardIndex.from_json(handle.read(), url=index_url, sha256=entry.index.sha256)
     with fsspec.open(url, "rb") as handle:
-        return [reader.decode_sample(raw) for raw in group_by_keys(tar_file_expander([{"url": url, "stream": handle}]))]
+        return [reader.decode_sample({"__key__": key, **members}) for _, key, members in read_records_of(handle, index, url)]
 
 
 def test_golden_files_decode_to_the_synthetic_values():
@@ -40,8 +44,12 @@ def test_golden_files_decode_to_the_synthetic_values():
     assert shard.name == fmt.shard_name(fmt.TRAIN_SPLIT, 0, 0) and shard.count == len(expected)
     assert (shard.bytes, shard.sha256) == (len(data), hashlib.sha256(data).hexdigest())
     assert manifest.totals.train == fmt.SplitTotals(len(expected), 1, len(data))
+    index_bytes = (GOLDEN / index_name(shard.name)).read_bytes()
+    assert shard.index == fmt.IndexEntry(index_name(shard.name), len(index_bytes), hashlib.sha256(index_bytes).hexdigest())
+    index = ShardIndex.from_json(index_bytes, url=shard.index.name, sha256=shard.index.sha256)
+    assert index == scan_tar(data, shard.name)  # what the writer recorded while streaming = what the tar holds
 
-    records = read_records(reader.shard_urls(manifest, str(GOLDEN))[0])
+    records = read_records(reader.shard_urls(manifest, str(GOLDEN))[0], shard)
     assert [r["__key__"] for r in records] == [e["key"] for e in expected] == ["000000_000000", "000000_000001"]
     for record, want in zip(records, expected):
         assert record[fmt.CAPTIONS] == want["captions"] and record[fmt.META] == want["meta"]
