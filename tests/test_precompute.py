@@ -11,23 +11,24 @@ import numpy as np
 import pytest
 import torch
 import webdataset as wds
-from conftest import run_precompute
+from conftest import read_cache, run_precompute
 from PIL import Image
 
 from precompute import format as fmt
 from precompute import reader
 
 
+def plain_decode(raw: dict) -> dict:
+    """One raw sample with numpy + json only (no project code): arrays by member name, captions, source key."""
+    row = {k: np.load(io.BytesIO(v), allow_pickle=False) for k, v in raw.items() if k.endswith(".npy")}
+    row["captions"] = json.loads(raw["captions.json"])
+    row["key"] = json.loads(raw["json"])["key"]
+    return row
+
+
 def plain_read(cache: Path, split: str = "train") -> dict[str, dict]:
-    """Read every sample with plain webdataset + numpy (no project code), keyed by source key."""
-    manifest = json.loads((cache / "manifest.json").read_text())
-    urls = [str(cache / s["name"]) for s in manifest["shards"] if s["split"] == split]
-    out = {}
-    for sample in wds.WebDataset(urls, shardshuffle=False, nodesplitter=lambda x: x):
-        row = {k: np.load(io.BytesIO(v), allow_pickle=False) for k, v in sample.items() if k.endswith(".npy")}
-        row["captions"] = json.loads(sample["captions.json"])
-        out[json.loads(sample["json"])["key"]] = row
-    return out
+    """Every sample of a split decoded by `plain_decode`, keyed by source key."""
+    return {row["key"]: row for row in read_cache(cache, split, decode=plain_decode)}
 
 
 def reference_encodings(models, image_paths: list[Path], captions: list[list[str]], resolution: int) -> list[dict]:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import run_precompute
+from conftest import read_cache, run_precompute
 from PIL import Image
 
 from precompute import format as fmt
@@ -26,11 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def shard_keys(cache: Path) -> list[str]:
     """Source keys of every record in every published shard (duplicates kept)."""
-    import webdataset as wds
-
-    manifest = json.loads((cache / "manifest.json").read_text())
-    urls = [str(cache / s["name"]) for s in manifest["shards"]]
-    return [json.loads(s["json"])["key"] for s in wds.WebDataset(urls, shardshuffle=False, nodesplitter=lambda x: x)]
+    return [sample[fmt.META]["key"] for sample in read_cache(cache, split=None)]
 
 
 def test_sigkill_then_rerun_finishes_without_loss_or_duplicates(tiny_models, sample_data, tmp_path):

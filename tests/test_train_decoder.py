@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import functools
-import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-import webdataset as wds
+from conftest import read_cache
 from diffusers import DDPMScheduler, UNet2DConditionModel
 from diffusers.training_utils import compute_snr
 from PIL import Image
@@ -52,17 +51,6 @@ def run_decoder(flags: list[str]):
     config = parse_config(DecoderTrainConfig, flags)
     objective = DecoderObjective(config)
     return train(config, objective), objective
-
-
-def cached_samples(cache: Path, keys: list[str], split: str = fmt.TRAIN_SPLIT) -> list[dict]:
-    """Decoded cache samples for `keys`, in that order (plain webdataset, raw bytes, safe decoding)."""
-    manifest = reader.load_manifest(str(cache))
-    urls = reader.shard_urls(manifest, str(cache), split)
-    found = {}
-    for raw in wds.WebDataset(urls, shardshuffle=False, nodesplitter=lambda x: x):
-        sample = reader.decode_sample(raw)
-        found[sample[fmt.META]["key"]] = sample
-    return [found[k] for k in keys]
 
 
 def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -154,7 +142,7 @@ def test_training_loss_matches_reference_step(tiny_models, sample_data, tiny_cac
     keys = sample_data["keys"][8:16]  # the first training batch precompute formed (batch_size 8)
     images = [Image.open(Path(sample_data["imagefolder"]) / f"{k}.jpg").convert("RGB") for k in keys]
     transform = DecoderSampleTransform()  # no dropout: the cached image_embeds as they are
-    batch = DecoderCollate()([transform(s, np.random.default_rng(0)) for s in cached_samples(tiny_cache, keys)])
+    batch = DecoderCollate()([transform(s, np.random.default_rng(0)) for s in read_cache(tiny_cache, keys=keys)])
     noise = torch.randn(batch["latents"].shape, generator=torch.Generator().manual_seed(1))  # [8, 4, 8, 8]
     timesteps = torch.tensor(TIMESTEPS)
 
@@ -193,18 +181,11 @@ def test_image_dropout_uses_the_manifest_zero_image_embedding(tiny_models, tiny_
     objective.check_manifest(source.manifest, unet)
     objective.setup(unet, source, torch.device("cpu"))
     zero = reader.zero_image_embeds(source.manifest)
-    sample = cached_samples(tiny_cache, [_first_train_key(tiny_cache)])[0]
+    sample = read_cache(tiny_cache, limit=1)[0]  # the first training sample
     out = objective.sample_transform()(sample, np.random.default_rng(0))
     np.testing.assert_array_equal(out["image_embeds"], zero)
     np.testing.assert_array_equal(out["latents"], sample[fmt.LATENTS])
     assert not np.array_equal(sample[fmt.IMAGE_EMBEDS], zero)
-
-
-def _first_train_key(cache: Path) -> str:
-    manifest = reader.load_manifest(str(cache))
-    url = reader.shard_urls(manifest, str(cache))[0]
-    raw = next(iter(wds.WebDataset([url], shardshuffle=False, nodesplitter=lambda x: x)))
-    return json.loads(raw[fmt.META])["key"]
 
 
 def test_image_dropout_rate_and_rng_stream():

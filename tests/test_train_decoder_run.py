@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import read_cache
 from diffusers import KandinskyV22Pipeline, UNet2DConditionModel, VQModel
 from PIL import Image
 from safetensors.torch import load_file
@@ -88,7 +89,7 @@ def test_validation_grids_written_and_logged(run, tiny_cache):
     side = 64
     assert grid.shape == (2 * side, IMAGES * side, 3)  # top: generated, bottom: ground truth
     # bottom row = the first held-out samples' cached latents, decoded as the pipeline decodes
-    held_out = _validation_samples(tiny_cache)[:IMAGES]  # load_validation's order: the manifest's
+    held_out = read_cache(tiny_cache, fmt.VALIDATION_SPLIT)[:IMAGES]  # load_validation's order: the manifest's
     latents = torch.from_numpy(np.stack([s[fmt.LATENTS] for s in held_out]))  # [n, 4, 8, 8]
     movq = VQModel.from_pretrained(run["objective"].config.pretrained_decoder_model_name_or_path, subfolder="movq")
     with torch.no_grad():
@@ -103,13 +104,6 @@ def test_validation_grids_written_and_logged(run, tiny_cache):
     accumulator = EventAccumulator(str(events[0]), size_guidance={"images": 0, "scalars": 0}).Reload()
     assert [e.step for e in accumulator.Images(GRID_TAG)] == [VALIDATION_STEPS, STEPS]
     assert [e.step for e in accumulator.Scalars("val/loss")] == [VALIDATION_STEPS, STEPS]
-
-
-def _validation_samples(cache: Path) -> list[dict]:
-    import webdataset as wds
-
-    urls = reader.shard_urls(reader.load_manifest(str(cache)), str(cache), fmt.VALIDATION_SPLIT)
-    return [reader.decode_sample(raw) for raw in wds.WebDataset(urls, shardshuffle=False, nodesplitter=lambda x: x)]
 
 
 def test_export_is_a_complete_decoder_pipeline(run, tiny_models, tiny_cache, trained_prior):
@@ -128,7 +122,7 @@ def test_export_is_a_complete_decoder_pipeline(run, tiny_models, tiny_cache, tra
     pipe = KandinskyV22Pipeline.from_pretrained(out)
     pipe.set_progress_bar_config(disable=True)
     manifest = reader.load_manifest(str(tiny_cache))
-    embeds = torch.from_numpy(_validation_samples(tiny_cache)[0][fmt.IMAGE_EMBEDS])[None]  # [1, E]
+    embeds = torch.from_numpy(read_cache(tiny_cache, fmt.VALIDATION_SPLIT)[0][fmt.IMAGE_EMBEDS])[None]  # [1, E]
     negative = torch.from_numpy(reader.zero_image_embeds(manifest))[None]
     image = pipe(image_embeds=embeds.float(), negative_image_embeds=negative, height=64, width=64,
                  num_inference_steps=2, generator=torch.Generator().manual_seed(0)).images[0]

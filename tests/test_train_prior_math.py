@@ -2,36 +2,21 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-import webdataset as wds
+from conftest import read_cache
 from diffusers import DDPMScheduler, PriorTransformer
 from diffusers.training_utils import compute_snr
 from PIL import Image, ImageOps
 
 from precompute import format as fmt
-from precompute import reader
 from train.prior import PriorCollate, PriorSampleTransform, make_noise_scheduler, training_loss
 from train.snr import diffusion_mse, min_snr_weights
 
 RTOL = 1e-5  # fp32 cache: the issue's bound on the relative error of the loss
 TIMESTEPS = [0, 10, 250, 500, 750, 999]  # one batch spread over the schedule
-
-
-def cached_train_samples(cache: Path, n: int) -> list[dict]:
-    """The first n decoded training samples of the cache (with their source metadata)."""
-    manifest = reader.load_manifest(str(cache))
-    urls = reader.shard_urls(manifest, str(cache), fmt.TRAIN_SPLIT)
-    samples = []
-    for raw in wds.WebDataset(urls, shardshuffle=False, nodesplitter=lambda u: u):
-        samples.append(reader.decode_sample(raw))
-        if len(samples) == n:
-            return samples
-    raise AssertionError("cache too small")
 
 
 def reference_loss(models, images, captions, prior, noise, timesteps, snr_gamma):
@@ -82,7 +67,8 @@ def reference_loss(models, images, captions, prior, noise, timesteps, snr_gamma)
 
 @pytest.mark.parametrize("snr_gamma", [None, 5.0])
 def test_cached_loss_equals_reference_step(tiny_models, tiny_cache, snr_gamma):
-    samples = cached_train_samples(tiny_cache, len(TIMESTEPS))
+    samples = read_cache(tiny_cache, limit=len(TIMESTEPS))
+    assert len(samples) == len(TIMESTEPS), "cache too small"
     choices = [i % len(s[fmt.CAPTIONS]) for i, s in enumerate(samples)]  # several caption slots, fixed on both sides
     # What datasets' Image feature does for the reference: PIL open + EXIF transpose.
     images = [ImageOps.exif_transpose(Image.open(s[fmt.META]["path"])) for s in samples]
