@@ -15,7 +15,7 @@ import pytest
 
 SCRIPTS_DIR = Path(__file__).resolve().parents[1] / "scripts"
 if str(SCRIPTS_DIR) not in sys.path:
-    sys.path.insert(0, str(SCRIPTS_DIR))  # scripts/ is not a package; make_tiny_models is imported by path
+    sys.path.insert(0, str(SCRIPTS_DIR))  # scripts/ is not a package: make_tiny_models, diffusers_reference...
 
 
 @pytest.fixture(scope="session")
