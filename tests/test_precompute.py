@@ -171,6 +171,7 @@ def test_reader_never_unpickles(tmp_path):
         fmt.encode_array(np.array([object()], dtype=object))
 
 
+@pytest.mark.slow
 def test_three_input_kinds_give_identical_tensors(tiny_models, sample_data, tiny_cache, tmp_path):
     wds_out, ds_out = tmp_path / "from_wds", tmp_path / "from_dataset"
     common = ("--dtype", "fp32", "--samples_per_shard", "16", "--holdout_samples", "8", "--batch_size", "8")

@@ -29,6 +29,7 @@ def shard_keys(cache: Path) -> list[str]:
     return [sample[fmt.META]["key"] for sample in read_cache(cache, split=None)]
 
 
+@pytest.mark.slow
 def test_sigkill_then_rerun_finishes_without_loss_or_duplicates(tiny_models, sample_data, tmp_path):
     out = tmp_path / "cache"
     prior_dir, decoder_dir = tiny_models
@@ -171,6 +172,7 @@ def test_rank_split_is_disjoint_and_complete():
     assert [(u.url, u.holdout) for u in tars] == [("a.tar", 4), ("b.tar", 0), ("c.tar", 0)]
 
 
+@pytest.mark.slow
 def test_help_documents_every_flag():
     import dataclasses
 
@@ -184,6 +186,7 @@ def test_help_documents_every_flag():
         assert f.metadata.get("help"), f"--{f.name} has no help"
 
 
+@pytest.mark.slow
 def test_two_processes_split_the_units_and_rank0_merges(tiny_models, sample_data, tmp_path):
     """torchrun with 2 CPU processes (gloo): disjoint units per rank, one complete manifest."""
     out = tmp_path / "cache"

@@ -59,6 +59,7 @@ def run(tiny_models, tiny_cache, trained_prior, tmp_path_factory):
     return {"out": out, "summary": summary, "objective": objective}
 
 
+@pytest.mark.slow
 def test_loss_decreases_on_sample_data(run, tiny_models):
     losses = run["summary"]["losses"]
     assert len(losses) == STEPS
@@ -73,12 +74,14 @@ def test_loss_decreases_on_sample_data(run, tiny_models):
     assert history[STEPS]["val/loss"] < 0.5 * base_loss, (history, base_loss)
 
 
+@pytest.mark.slow
 def test_training_never_ran_an_encoder(run):
     """The fixture's run had every CLIP constructor and MoVQ Encoder.forward raising; the MoVQ kept no encoder."""
     movq = run["objective"].validation.movq
     assert movq is not None and movq.encoder is None and movq.quant_conv is None
 
 
+@pytest.mark.slow
 def test_validation_grids_written_and_logged(run, tiny_cache):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -106,6 +109,7 @@ def test_validation_grids_written_and_logged(run, tiny_cache):
     assert [e.step for e in accumulator.Scalars("val/loss")] == [VALIDATION_STEPS, STEPS]
 
 
+@pytest.mark.slow
 def test_export_is_a_complete_decoder_pipeline(run, tiny_models, tiny_cache, trained_prior):
     out, base = run["out"], tiny_models[1]
     assert same_weights(out / "unet", out / f"checkpoint-{STEPS}" / "unet")  # the trained weights
@@ -129,6 +133,7 @@ def test_export_is_a_complete_decoder_pipeline(run, tiny_models, tiny_cache, tra
     assert image.size == (64, 64)
 
 
+@pytest.mark.slow
 def test_auto_pipeline_generates_from_a_prompt_with_the_trained_prior(run, trained_prior):
     from diffusers import AutoPipelineForText2Image, KandinskyV22CombinedPipeline
 
@@ -147,6 +152,7 @@ def test_auto_pipeline_generates_from_a_prompt_with_the_trained_prior(run, train
 # --- resume and EMA ----------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_resume_identity_and_ema_export(tiny_models, tiny_cache, tmp_path, capsys):
     """4 steps straight vs 2 + resume 2 (EMA, dropout, a rendered validation in between): same losses."""
     common = ["--max_train_steps", "4", "--train_batch_size", "4", "--checkpointing_steps", "2", "--use_ema",
