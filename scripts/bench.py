@@ -98,6 +98,7 @@ class Bench:
 
     def __init__(self, args: argparse.Namespace):
         from accelerate import Accelerator
+        from make_tiny_models import parameter_counts
 
         self.started = time.perf_counter()  # elapsed time includes building models, data and caches
         self.args, self.p, self.device = args, args.preset, args.device
@@ -118,7 +119,7 @@ class Bench:
             "captions": args.captions, "command": "python scripts/bench.py " + " ".join(sys.argv[1:]),
             "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
             "provisional": args.provisional, "preset": dataclasses.asdict(self.p),
-            "parameters": setup.parameter_counts(self.prior_dir, self.decoder_dir), "sections": {},
+            "parameters": parameter_counts(self.prior_dir, self.decoder_dir), "sections": {},
         }
         from bench_report import machine_info
 

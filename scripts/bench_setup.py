@@ -195,16 +195,3 @@ def length_stats(lengths: list[int]) -> dict:
 
 def preset_dict(preset: Preset) -> dict:
     return asdict(preset)
-
-
-def parameter_counts(prior_dir: Path, decoder_dir: Path) -> dict[str, int]:
-    """Parameters per component, read from the safetensors headers (no model is built)."""
-    from safetensors import safe_open
-
-    counts: dict[str, int] = {}
-    for folder in (prior_dir, decoder_dir):
-        for weights in sorted(folder.glob("*/*.safetensors")):
-            with safe_open(weights, framework="pt") as handle:  # a safetensors handle, not a dict: keys() it is
-                total = sum(int(np.prod(handle.get_slice(name).get_shape())) for name in handle.keys())  # noqa: SIM118
-            counts[weights.parent.name] = counts.get(weights.parent.name, 0) + total
-    return counts

@@ -1,5 +1,5 @@
 """One training step of each contender: the lean trainers (the project's own objective, data path and
-optimiser settings) and faithful re-implementations of the diffusers reference steps.
+optimiser settings) and the diffusers reference steps (scripts/diffusers_reference.py, which cites them).
 
 Lean: `train.<command>` objective + `train.data.build_loader` (shards -> decoded, collated batch),
 then loss, backward, gradient clipping and AdamW exactly as train/loop.py does them (accelerate's
@@ -14,17 +14,13 @@ few batches long, a real epoch thousands), so DataLoader worker restarts at epoc
 from __future__ import annotations
 
 import os
-import random
 from pathlib import Path
 
-import numpy as np
+import diffusers_reference as ref
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
-from PIL import Image
 
 EPOCHS_AHEAD = 10_000  # sampler length in epochs: "endless" for a benchmark
-WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def lean_argv(command: str, cache: Path, prior_dir: Path, decoder_dir: Path, batch_size: int, num_workers: int,
@@ -147,75 +143,30 @@ class ReferencePrior(_ReferenceBase):
 
     def __init__(self, prior_dir: Path, data_dir: Path, accelerator: Accelerator, batch_size: int, num_workers: int,
                  cache_dir: Path, share=None):
-        from diffusers import DDPMScheduler, PriorTransformer
-        from transformers import (
-            CLIPImageProcessor,
-            CLIPTextModelWithProjection,
-            CLIPTokenizer,
-            CLIPVisionModelWithProjection,
-        )
+        from diffusers import PriorTransformer
 
-        self.weight_dtype = weight_dtype = WEIGHT_DTYPES[accelerator.mixed_precision]
-        self.noise_scheduler = DDPMScheduler(beta_schedule="squaredcos_cap_v2", prediction_type="sample")
-        image_processor = CLIPImageProcessor.from_pretrained(prior_dir, subfolder="image_processor")
-        tokenizer = CLIPTokenizer.from_pretrained(prior_dir, subfolder="tokenizer")
-        self.image_encoder = CLIPVisionModelWithProjection.from_pretrained(
-            prior_dir, subfolder="image_encoder", torch_dtype=weight_dtype).eval()
-        self.text_encoder = CLIPTextModelWithProjection.from_pretrained(
-            prior_dir, subfolder="text_encoder", torch_dtype=weight_dtype).eval()
+        self.weight_dtype = weight_dtype = ref.WEIGHT_DTYPES[accelerator.mixed_precision]
+        self.noise_scheduler = ref.prior_noise_scheduler()
+        self.encoders = encoders = ref.load_prior_encoders(prior_dir, weight_dtype)
         prior = self._trainee(share, lambda: PriorTransformer.from_pretrained(prior_dir, subfolder="prior"))
-        self.image_encoder.requires_grad_(False)
-        self.text_encoder.requires_grad_(False)
         prior.train()
-
-        def tokenize_captions(examples):
-            captions = [random.choice(c) if isinstance(c, (list, np.ndarray)) else c for c in examples["text"]]
-            inputs = tokenizer(captions, max_length=tokenizer.model_max_length, padding="max_length",
-                               truncation=True, return_tensors="pt")
-            return inputs.input_ids, inputs.attention_mask.bool()
-
-        def preprocess_train(examples):
-            images = [image.convert("RGB") for image in examples["image"]]
-            examples["clip_pixel_values"] = image_processor(images, return_tensors="pt").pixel_values
-            examples["text_input_ids"], examples["text_mask"] = tokenize_captions(examples)
-            return examples
-
-        def collate_fn(examples):
-            clip_pixel_values = torch.stack([e["clip_pixel_values"] for e in examples])
-            clip_pixel_values = clip_pixel_values.to(memory_format=torch.contiguous_format).float()
-            return {"clip_pixel_values": clip_pixel_values,
-                    "text_input_ids": torch.stack([e["text_input_ids"] for e in examples]),
-                    "text_mask": torch.stack([e["text_mask"] for e in examples])}
-
+        preprocess_train = ref.prior_preprocess_train(encoders.tokenizer, encoders.image_processor)
         dataset = load_imagefolder(data_dir, cache_dir).with_transform(preprocess_train)
         self.clip_mean, self.clip_std = prior.clip_mean.clone(), prior.clip_std.clone()
-        self._finish(prior, accelerator, dataset, batch_size, num_workers, collate_fn, share)
+        self._finish(prior, accelerator, dataset, batch_size, num_workers, ref.prior_collate_fn, share)
         device = accelerator.device
-        self.image_encoder.to(device, dtype=weight_dtype)
-        self.text_encoder.to(device, dtype=weight_dtype)
+        encoders.image_encoder.to(device, dtype=weight_dtype)
+        encoders.text_encoder.to(device, dtype=weight_dtype)
         self.clip_mean = self.clip_mean.to(weight_dtype).to(device)  # [1, E]
         self.clip_std = self.clip_std.to(weight_dtype).to(device)  # [1, E]
 
     def step(self) -> int:
-        batch = self._batch()
-        text_input_ids, text_mask = batch["text_input_ids"], batch["text_mask"]  # [B, 77], [B, 77]
-        clip_images = batch["clip_pixel_values"].to(self.weight_dtype)  # [B, 3, 224, 224]
-        with torch.no_grad():
-            text_encoder_output = self.text_encoder(text_input_ids)
-            prompt_embeds = text_encoder_output.text_embeds  # [B, E]
-            text_encoder_hidden_states = text_encoder_output.last_hidden_state  # [B, 77, H]
-            image_embeds = self.image_encoder(clip_images).image_embeds  # [B, E]
-            noise = torch.randn_like(image_embeds)
-            timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (image_embeds.shape[0],),
-                                      device=image_embeds.device).long()  # [B]
-            image_embeds = (image_embeds - self.clip_mean) / self.clip_std  # [B, E]
-            noisy_image_embeds = self.noise_scheduler.add_noise(image_embeds, noise, timesteps)  # [B, E]
-            target = image_embeds
-        model_pred = self.module(noisy_image_embeds, timestep=timesteps, proj_embedding=prompt_embeds,
-                                 encoder_hidden_states=text_encoder_hidden_states,
-                                 attention_mask=text_mask).predicted_image_embedding  # [B, E]
-        self._update(F.mse_loss(model_pred.float(), target.float(), reduction="mean"))
-        return text_input_ids.shape[0]
+        batch = self._batch()  # text_input_ids, text_mask [B, 77], clip_pixel_values [B, 3, 224, 224]
+        encoded = ref.prior_encode(self.encoders, batch, self.weight_dtype)
+        noise, timesteps = ref.draw_noise(encoded["image_embeds"], self.noise_scheduler)  # [B, E], [B]
+        self._update(ref.prior_loss(self.module, self.noise_scheduler, encoded, self.clip_mean, self.clip_std,
+                                    noise, timesteps))
+        return batch["text_input_ids"].shape[0]
 
 
 class ReferenceDecoder(_ReferenceBase):
@@ -223,61 +174,22 @@ class ReferenceDecoder(_ReferenceBase):
 
     def __init__(self, prior_dir: Path, decoder_dir: Path, data_dir: Path, accelerator: Accelerator, batch_size: int,
                  num_workers: int, resolution: int, cache_dir: Path, share=None):
-        from diffusers import DDPMScheduler, UNet2DConditionModel, VQModel
-        from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
+        from diffusers import UNet2DConditionModel
 
-        self.weight_dtype = weight_dtype = WEIGHT_DTYPES[accelerator.mixed_precision]
-        self.noise_scheduler = DDPMScheduler.from_pretrained(decoder_dir, subfolder="scheduler")
-        image_processor = CLIPImageProcessor.from_pretrained(prior_dir, subfolder="image_processor")
-        self.vae = VQModel.from_pretrained(decoder_dir, subfolder="movq", torch_dtype=weight_dtype).eval()
-        self.image_encoder = CLIPVisionModelWithProjection.from_pretrained(
-            prior_dir, subfolder="image_encoder", torch_dtype=weight_dtype).eval()
+        self.weight_dtype = weight_dtype = ref.WEIGHT_DTYPES[accelerator.mixed_precision]
+        self.noise_scheduler = ref.decoder_noise_scheduler(decoder_dir)
+        self.encoders = encoders = ref.load_decoder_encoders(prior_dir, decoder_dir, weight_dtype)
         unet = self._trainee(share, lambda: UNet2DConditionModel.from_pretrained(decoder_dir, subfolder="unet"))
-        self.vae.requires_grad_(False)
-        self.image_encoder.requires_grad_(False)
         unet.train()
-
-        def center_crop(image):
-            width, height = image.size
-            new_size = min(width, height)
-            left, top = (width - new_size) / 2, (height - new_size) / 2
-            right, bottom = (width + new_size) / 2, (height + new_size) / 2
-            return image.crop((left, top, right, bottom))
-
-        def train_transforms(img):
-            img = center_crop(img)
-            img = img.resize((resolution, resolution), resample=Image.BICUBIC, reducing_gap=1)
-            img = np.array(img).astype(np.float32) / 127.5 - 1
-            return torch.from_numpy(np.transpose(img, [2, 0, 1]))
-
-        def preprocess_train(examples):
-            images = [image.convert("RGB") for image in examples["image"]]
-            examples["pixel_values"] = [train_transforms(image) for image in images]
-            examples["clip_pixel_values"] = image_processor(images, return_tensors="pt").pixel_values
-            return examples
-
-        def collate_fn(examples):
-            pixel_values = torch.stack([e["pixel_values"] for e in examples])
-            clip_pixel_values = torch.stack([e["clip_pixel_values"] for e in examples])
-            return {"pixel_values": pixel_values.to(memory_format=torch.contiguous_format).float(),
-                    "clip_pixel_values": clip_pixel_values.to(memory_format=torch.contiguous_format).float()}
-
+        preprocess_train = ref.decoder_preprocess_train(encoders.image_processor, resolution)
         dataset = load_imagefolder(data_dir, cache_dir).with_transform(preprocess_train)
-        self._finish(unet, accelerator, dataset, batch_size, num_workers, collate_fn, share)
-        self.image_encoder.to(accelerator.device, dtype=weight_dtype)
-        self.vae.to(accelerator.device, dtype=weight_dtype)
+        self._finish(unet, accelerator, dataset, batch_size, num_workers, ref.decoder_collate_fn, share)
+        encoders.image_encoder.to(accelerator.device, dtype=weight_dtype)
+        encoders.vae.to(accelerator.device, dtype=weight_dtype)
 
     def step(self) -> int:
-        batch = self._batch()
-        images = batch["pixel_values"].to(self.weight_dtype)  # [B, 3, r, r]
-        clip_images = batch["clip_pixel_values"].to(self.weight_dtype)  # [B, 3, 224, 224]
-        latents = self.vae.encode(images).latents  # [B, 4, r/8, r/8] (no no_grad: as the reference)
-        image_embeds = self.image_encoder(clip_images).image_embeds  # [B, E]
-        noise = torch.randn_like(latents)
-        timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
-                                  device=latents.device).long()  # [B]
-        noisy_latents = self.noise_scheduler.add_noise(latents, noise, timesteps)  # [B, 4, r/8, r/8]
-        model_pred = self.module(noisy_latents, timesteps, None,
-                                 added_cond_kwargs={"image_embeds": image_embeds}).sample[:, :4]  # [B, 4, r/8, r/8]
-        self._update(F.mse_loss(model_pred.float(), noise.float(), reduction="mean"))
-        return images.shape[0]
+        batch = self._batch()  # pixel_values [B, 3, r, r], clip_pixel_values [B, 3, 224, 224]
+        encoded = ref.decoder_encode(self.encoders, batch, self.weight_dtype)  # no no_grad: as the reference
+        noise, timesteps = ref.draw_noise(encoded["latents"], self.noise_scheduler)  # [B, 4, r/8, r/8], [B]
+        self._update(ref.decoder_loss(self.module, self.noise_scheduler, encoded, noise, timesteps))
+        return batch["pixel_values"].shape[0]

@@ -185,26 +185,28 @@ def synthetic_images(n: int, size: int, seed: int) -> list[np.ndarray]:
 
 
 @torch.no_grad()
-def fit_clip_stats(
-    prior: PriorTransformer, image_encoder: CLIPVisionModelWithProjection, processor: CLIPImageProcessor, seed: int
-) -> None:
-    """Set prior.clip_mean / clip_std (zeros at init) from image_embeds of synthetic images.
+def fit_clip_stats(prior: PriorTransformer, image_encoder: CLIPVisionModelWithProjection, processor: CLIPImageProcessor,
+                   seed: int, n_images: int = N_STAT_IMAGES, dtype: torch.dtype = torch.float64) -> None:
+    """Set prior.clip_mean / clip_std [1, E] (zeros at init) from image_embeds of `n_images` synthetic images.
 
-    The encoder runs in float64 on a copy: MKL/oneDNN float32 results vary in the last bits with
-    heap alignment and thread count, and "same seed, same weights" must hold in any process.
+    The encoder runs on a copy in `dtype`, on its own device. float64 by default: MKL/oneDNN float32
+    results vary in the last bits with heap alignment and thread count, and "same seed, same weights" must
+    hold in any process; the full-size benchmark passes float32 (a smaller copy of a 1.8 B tower on its GPU).
+    RuntimeError if a std is zero or not finite: the prior's training target divides by clip_std.
     """
-    images = synthetic_images(N_STAT_IMAGES, IMAGE_SIZE, seed)
-    encoder64 = copy.deepcopy(image_encoder).double()
+    images = synthetic_images(n_images, IMAGE_SIZE, seed)
+    device = next(image_encoder.parameters()).device
+    encoder = copy.deepcopy(image_encoder).to(dtype)
     embeds = []
-    for start in range(0, N_STAT_IMAGES, STAT_BATCH):
+    for start in range(0, n_images, STAT_BATCH):
         pixel_values = processor(images=images[start : start + STAT_BATCH], return_tensors="pt").pixel_values
-        embeds.append(encoder64(pixel_values=pixel_values.double()).image_embeds)  # [b, E] float64
+        embeds.append(encoder(pixel_values=pixel_values.to(device, dtype)).image_embeds.double())  # [b, E]
     image_embeds = torch.cat(embeds)  # [N, E] float64
     std = image_embeds.std(dim=0, keepdim=True)  # [1, E]
     if not bool(torch.isfinite(std).all()) or float(std.min()) <= 0:
         raise RuntimeError("image_embeds of the synthetic images have a zero or non-finite std")
-    prior.clip_mean.copy_(image_embeds.mean(dim=0, keepdim=True).float())  # [1, E]
-    prior.clip_std.copy_(std.float())
+    prior.clip_mean.copy_(image_embeds.mean(dim=0, keepdim=True).to(prior.clip_mean.dtype))  # [1, E]
+    prior.clip_std.copy_(std.to(prior.clip_std.dtype))
 
 
 def _index_generic_image_processor(prior_dir: Path) -> None:
@@ -230,6 +232,7 @@ def write_model_card(decoder_dir: Path, prior_dir: Path, size: str, seed: int) -
 
 
 def count_parameters(module: torch.nn.Module) -> int:
+    """Number of parameters of a module (also on the meta device: shapes only)."""
     return sum(p.numel() for p in module.parameters())
 
 
@@ -274,14 +277,19 @@ def build_models(size: str, out: str | Path, seed: int = 0) -> tuple[Path, Path]
 
 
 def parameter_counts(prior_dir: Path, decoder_dir: Path) -> dict[str, int]:
-    """Parameter count of every model component, read back from the saved folders."""
-    pipes = [KandinskyV22PriorPipeline.from_pretrained(prior_dir), KandinskyV22Pipeline.from_pretrained(decoder_dir)]
-    return {
-        name: count_parameters(module)
-        for pipe in pipes
-        for name, module in pipe.components.items()
-        if isinstance(module, torch.nn.Module)
-    }
+    """Parameters per component folder of two saved pipelines, from the safetensors headers (no model built).
+
+    Equals `count_parameters` of each loaded component: their state dicts hold no persistent buffers.
+    """
+    from safetensors import safe_open
+
+    counts: dict[str, int] = {}
+    for folder in (prior_dir, decoder_dir):
+        for weights in sorted(Path(folder).glob("*/*.safetensors")):
+            with safe_open(weights, framework="pt") as handle:  # a safetensors handle, not a dict: keys() it is
+                total = sum(int(np.prod(handle.get_slice(name).get_shape())) for name in handle.keys())  # noqa: SIM118
+            counts[weights.parent.name] = counts.get(weights.parent.name, 0) + total
+    return counts
 
 
 def main(argv: list[str] | None = None) -> None:

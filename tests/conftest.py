@@ -8,13 +8,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 SCRIPTS_DIR = Path(__file__).resolve().parents[1] / "scripts"
 if str(SCRIPTS_DIR) not in sys.path:
-    sys.path.insert(0, str(SCRIPTS_DIR))  # scripts/ is not a package; make_tiny_models is imported by path
+    sys.path.insert(0, str(SCRIPTS_DIR))  # scripts/ is not a package: make_tiny_models, diffusers_reference...
 
 
 @pytest.fixture(scope="session")
@@ -31,6 +32,37 @@ def sample_data(tmp_path_factory: pytest.TempPathFactory) -> dict:
     from make_sample_data import make_sample_data
 
     return make_sample_data(tmp_path_factory.mktemp("sample_data"))
+
+
+def read_cache(cache: str | Path, split: str | None = "train", keys: list[str] | None = None,
+               limit: int | None = None, decode: Callable[[dict], dict] | None = None) -> list[dict]:
+    """The samples of a local cache's `split` (None: every shard), in the manifest's shard order.
+
+    Plain reading: the manifest's shard list and webdataset's raw tar samples, then `decode` (raw sample
+    -> sample; default `precompute.reader.decode_sample`, which never unpickles). `keys`: only the samples
+    with these source keys, returned in that order (KeyError for a missing one); `limit`: at most that many.
+    """
+    import json
+
+    import webdataset as wds
+
+    from precompute import format as fmt
+    from precompute.reader import decode_sample
+
+    manifest = json.loads((Path(cache) / fmt.MANIFEST_NAME).read_text())
+    urls = [str(Path(cache) / s["name"]) for s in manifest["shards"] if split is None or s["split"] == split]
+    wanted = None if keys is None else set(keys)
+    read: list[tuple[str, dict]] = []  # (source key, sample), duplicates kept
+    for raw in wds.WebDataset(urls, shardshuffle=False, nodesplitter=lambda u: u):
+        key = json.loads(raw[fmt.META])["key"]
+        if wanted is None or key in wanted:
+            read.append((key, (decode or decode_sample)(raw)))
+        if len(read) == limit:
+            break
+    if keys is None:
+        return [sample for _, sample in read]
+    by_key = dict(read)
+    return [by_key[key] for key in keys]
 
 
 def run_precompute(models: tuple[Path, Path], out: Path, *extra: str, source: list[str] | None = None) -> int:

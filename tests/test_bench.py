@@ -44,6 +44,7 @@ def tiny_results(tmp_path_factory) -> tuple[dict, Path]:
     return run_bench(out, "--size", "tiny", *SMOKE, "--update_docs", str(doc)), out
 
 
+@pytest.mark.slow
 def test_every_section_reports_its_comparisons(tiny_results):
     results, _ = tiny_results
     sections = results["sections"]
@@ -69,6 +70,7 @@ def test_every_section_reports_its_comparisons(tiny_results):
     assert tokens["lean_77"] == 77 and tokens["lean_trimmed"] < 77
 
 
+@pytest.mark.slow
 def test_memory_and_cache_figures(tiny_results):
     results, _ = tiny_results
     memory = results["sections"]["memory"]
@@ -87,6 +89,7 @@ def test_memory_and_cache_figures(tiny_results):
     assert lengths["count"] == 3 * cache["samples"] and 2 <= lengths["min"] <= lengths["median"] <= lengths["max"] <= 77
 
 
+@pytest.mark.slow
 def test_tables_and_docs_block(tiny_results):
     _, out = tiny_results
     table = (out / "results.md").read_text()
@@ -97,6 +100,7 @@ def test_tables_and_docs_block(tiny_results):
     assert "prose that must survive" in doc and "<!-- bench:tiny:begin -->" in doc and table.strip() in doc
 
 
+@pytest.mark.slow
 def test_toy_full_path_runs_in_bf16(tmp_path):
     """--size full's code path (models from the reference configs, bf16 autocast, workers) at toy widths."""
     results = run_bench(tmp_path, "--size", "full", "--toy_full", "--device", "cpu", "--mixed_precision", "bf16",

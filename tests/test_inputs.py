@@ -28,6 +28,7 @@ from precompute.images import BadImage, center_crop, decoder_transform, load_ima
 from precompute.inputs import BadCaption, normalize_captions, open_hf_dataset, open_imagefolder  # noqa: E402
 from precompute.reader import expand_urls  # noqa: E402
 from precompute.wds_inputs import iter_wds_inputs  # noqa: E402
+from scripts.diffusers_reference import train_transforms  # noqa: E402
 from scripts.make_sample_data import make_sample_data  # noqa: E402
 
 EXIF_ORIENTATION = 0x0112
@@ -138,24 +139,10 @@ def test_min_size_is_configurable():
 # ---------------------------------------------------------------- reference decoder preprocessing
 
 
-def _reference_transform(img: Image.Image, resolution: int) -> torch.Tensor:
-    """Copied from diffusers examples/kandinsky2_2/text_to_image/train_text_to_image_decoder.py."""
-    width, height = img.size
-    new_size = min(width, height)
-    left = (width - new_size) / 2
-    top = (height - new_size) / 2
-    right = (width + new_size) / 2
-    bottom = (height + new_size) / 2
-    img = img.crop((left, top, right, bottom))
-    img = img.resize((resolution, resolution), resample=Image.BICUBIC, reducing_gap=1)
-    img = np.array(img).astype(np.float32) / 127.5 - 1
-    return torch.from_numpy(np.transpose(img, [2, 0, 1]))
-
-
 @pytest.mark.parametrize("size", [(37, 22), (22, 37), (41, 41)])
 def test_decoder_transform_equals_the_reference(size):
     image = _noise(*size)
-    expected = _reference_transform(image, 16)
+    expected = train_transforms(image, 16)  # the reference's, diffusers_reference cites the lines
     result = decoder_transform(image, 16)
     assert result.shape == (3, 16, 16) and result.dtype == torch.float32
     assert torch.equal(result, expected)

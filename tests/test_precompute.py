@@ -11,65 +11,55 @@ import numpy as np
 import pytest
 import torch
 import webdataset as wds
-from conftest import run_precompute
+from conftest import read_cache, run_precompute
 from PIL import Image
 
 from precompute import format as fmt
 from precompute import reader
 
 
+def plain_decode(raw: dict) -> dict:
+    """One raw sample with numpy + json only (no project code): arrays by member name, captions, source key."""
+    row = {k: np.load(io.BytesIO(v), allow_pickle=False) for k, v in raw.items() if k.endswith(".npy")}
+    row["captions"] = json.loads(raw["captions.json"])
+    row["key"] = json.loads(raw["json"])["key"]
+    return row
+
+
 def plain_read(cache: Path, split: str = "train") -> dict[str, dict]:
-    """Read every sample with plain webdataset + numpy (no project code), keyed by source key."""
-    manifest = json.loads((cache / "manifest.json").read_text())
-    urls = [str(cache / s["name"]) for s in manifest["shards"] if s["split"] == split]
-    out = {}
-    for sample in wds.WebDataset(urls, shardshuffle=False, nodesplitter=lambda x: x):
-        row = {k: np.load(io.BytesIO(v), allow_pickle=False) for k, v in sample.items() if k.endswith(".npy")}
-        row["captions"] = json.loads(sample["captions.json"])
-        out[json.loads(sample["json"])["key"]] = row
-    return out
+    """Every sample of a split decoded by `plain_decode`, keyed by source key."""
+    return {row["key"]: row for row in read_cache(cache, split, decode=plain_decode)}
 
 
 def reference_encodings(models, image_paths: list[Path], captions: list[list[str]], resolution: int) -> list[dict]:
-    """The reference scripts' lines, written out by hand, on one batch of raw images and their captions.
+    """The reference scripts' preprocessing and encoder calls (diffusers_reference) on one batch of raw images.
 
     The batch is the one precompute formed (same images, same order): CPU kernels may round differently
-    for another batch size, and the test asks for agreement to 1e-6.
+    for another batch size, and the test asks for agreement to 1e-6. Every caption of an image is encoded
+    (the reference tokenizes one, drawn at random).
     """
-    from diffusers import VQModel
-    from transformers import (CLIPImageProcessor, CLIPTextModelWithProjection, CLIPTokenizer,
-                              CLIPVisionModelWithProjection)
+    import diffusers_reference as ref  # local: test_fidelity_fp32_matches_reference names its rows `ref`
 
     prior_dir, decoder_dir = models
-    tokenizer = CLIPTokenizer.from_pretrained(prior_dir, subfolder="tokenizer")
-    text_encoder = CLIPTextModelWithProjection.from_pretrained(prior_dir, subfolder="text_encoder").eval()
-    image_encoder = CLIPVisionModelWithProjection.from_pretrained(prior_dir, subfolder="image_encoder").eval()
-    image_processor = CLIPImageProcessor.from_pretrained(prior_dir, subfolder="image_processor")
-    movq = VQModel.from_pretrained(decoder_dir, subfolder="movq").eval()
-
-    def train_transforms(image):  # train_text_to_image_decoder.py
-        w, h = image.size
-        s = min(w, h)
-        img = image.crop(((w - s) / 2, (h - s) / 2, (w + s) / 2, (h + s) / 2))
-        img = img.resize((resolution, resolution), resample=Image.BICUBIC, reducing_gap=1)
-        img = np.array(img).astype(np.float32) / 127.5 - 1
-        return torch.from_numpy(np.transpose(img, [2, 0, 1]))
-
+    prior_encoders = ref.load_prior_encoders(prior_dir)
+    decoder_encoders = ref.load_decoder_encoders(prior_dir, decoder_dir)
     images = [Image.open(p).convert("RGB") for p in image_paths]
     flat = [c for caps in captions for c in caps]
-    inputs = tokenizer(flat, max_length=tokenizer.model_max_length, padding="max_length", truncation=True,
-                       return_tensors="pt")
+    preprocess = ref.decoder_preprocess_train(decoder_encoders.image_processor, resolution)
+    batch = ref.loader_batch(preprocess, ref.decoder_collate_fn, {"image": images})  # the reference's data path
+    text_input_ids, text_mask = ref.tokenize_captions(prior_encoders.tokenizer, flat)
     with torch.no_grad():
-        text_out = text_encoder(inputs.input_ids)
-        image_embeds = image_encoder(image_processor(images, return_tensors="pt").pixel_values).image_embeds
-        latents = movq.encode(torch.stack([train_transforms(i) for i in images])).latents
+        latents = ref.decoder_encode(decoder_encoders, batch)["latents"]
+        prior_batch = {"text_input_ids": text_input_ids, "text_mask": text_mask,
+                       "clip_pixel_values": batch["clip_pixel_values"]}
+        encoded = ref.prior_encode(prior_encoders, prior_batch)
     rows, start = [], 0
     for i, caps in enumerate(captions):
         sl = slice(start, start + len(caps))
         start += len(caps)
-        rows.append({"text_embeds": text_out.text_embeds[sl].numpy(),
-                     "last_hidden_state": text_out.last_hidden_state[sl].numpy(),
-                     "mask": inputs.attention_mask[sl].bool().numpy(), "image_embeds": image_embeds[i].numpy(),
+        rows.append({"text_embeds": encoded["prompt_embeds"][sl].numpy(),
+                     "last_hidden_state": encoded["text_encoder_hidden_states"][sl].numpy(),
+                     "mask": text_mask[sl].numpy(), "image_embeds": encoded["image_embeds"][i].numpy(),
                      "latents": latents[i].numpy()})
     return rows
 
@@ -230,6 +220,7 @@ def test_reader_never_unpickles(tmp_path):
         fmt.encode_array(np.array([object()], dtype=object))
 
 
+@pytest.mark.slow
 def test_three_input_kinds_give_identical_tensors(tiny_models, sample_data, tiny_cache, tmp_path):
     wds_out, ds_out = tmp_path / "from_wds", tmp_path / "from_dataset"
     common = ("--dtype", "fp32", "--samples_per_shard", "16", "--holdout_samples", "8", "--batch_size", "8")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import run_precompute
+from conftest import read_cache, run_precompute
 from PIL import Image
 
 from precompute import format as fmt
@@ -26,13 +26,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def shard_keys(cache: Path) -> list[str]:
     """Source keys of every record in every published shard (duplicates kept)."""
-    import webdataset as wds
-
-    manifest = json.loads((cache / "manifest.json").read_text())
-    urls = [str(cache / s["name"]) for s in manifest["shards"]]
-    return [json.loads(s["json"])["key"] for s in wds.WebDataset(urls, shardshuffle=False, nodesplitter=lambda x: x)]
+    return [sample[fmt.META]["key"] for sample in read_cache(cache, split=None)]
 
 
+@pytest.mark.slow
 def test_sigkill_then_rerun_finishes_without_loss_or_duplicates(tiny_models, sample_data, tmp_path):
     out = tmp_path / "cache"
     prior_dir, decoder_dir = tiny_models
@@ -175,6 +172,7 @@ def test_rank_split_is_disjoint_and_complete():
     assert [(u.url, u.holdout) for u in tars] == [("a.tar", 4), ("b.tar", 0), ("c.tar", 0)]
 
 
+@pytest.mark.slow
 def test_help_documents_every_flag():
     import dataclasses
 
@@ -188,6 +186,7 @@ def test_help_documents_every_flag():
         assert f.metadata.get("help"), f"--{f.name} has no help"
 
 
+@pytest.mark.slow
 def test_two_processes_split_the_units_and_rank0_merges(tiny_models, sample_data, tmp_path):
     """torchrun with 2 CPU processes (gloo): disjoint units per rank, one complete manifest."""
     out = tmp_path / "cache"

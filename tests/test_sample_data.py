@@ -55,6 +55,7 @@ def test_same_seed_gives_identical_bytes_and_another_seed_does_not(tmp_path, sam
     assert _tree_bytes(other["root"]) != _tree_bytes(sample["root"])
 
 
+@pytest.mark.slow
 def test_cli_writes_the_same_bytes_as_the_function(tmp_path, sample):
     args = [f"--{name}={value}" for name, value in SMALL.items()]
     subprocess.run([sys.executable, "scripts/make_sample_data.py", "--out", str(tmp_path), *args], cwd=REPO, check=True)

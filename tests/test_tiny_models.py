@@ -152,6 +152,7 @@ def _all_tensors(root: Path) -> dict[str, torch.Tensor]:
     }
 
 
+@pytest.mark.slow
 def test_same_seed_gives_identical_weights(tiny_models: tuple[Path, Path], tmp_path: Path) -> None:
     original = _all_tensors(tiny_models[0].parent)
     threads = torch.get_num_threads()

@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import functools
-import json
 from pathlib import Path
 
+import diffusers_reference as ref
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-import webdataset as wds
+from conftest import read_cache
 from diffusers import DDPMScheduler, UNet2DConditionModel
-from diffusers.training_utils import compute_snr
 from PIL import Image
 
 from precompute import format as fmt
@@ -54,17 +53,6 @@ def run_decoder(flags: list[str]):
     return train(config, objective), objective
 
 
-def cached_samples(cache: Path, keys: list[str], split: str = fmt.TRAIN_SPLIT) -> list[dict]:
-    """Decoded cache samples for `keys`, in that order (plain webdataset, raw bytes, safe decoding)."""
-    manifest = reader.load_manifest(str(cache))
-    urls = reader.shard_urls(manifest, str(cache), split)
-    found = {}
-    for raw in wds.WebDataset(urls, shardshuffle=False, nodesplitter=lambda x: x):
-        sample = reader.decode_sample(raw)
-        found[sample[fmt.META]["key"]] = sample
-    return [found[k] for k in keys]
-
-
 def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return float((actual.detach() - expected.detach()).abs().max() / expected.detach().abs().max())
 
@@ -96,71 +84,29 @@ def forbid_encoders(monkeypatch, movq: bool) -> None:
 
 
 @pytest.fixture(scope="module")
-def reference_encoders(tiny_models):
+def reference_encoders(tiny_models) -> ref.DecoderEncoders:
     """The frozen modules the reference script loads (fp32: weight_dtype without mixed precision)."""
-    from diffusers import VQModel
-    from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
-
-    prior_dir, decoder_dir = tiny_models
-    return {
-        "image_processor": CLIPImageProcessor.from_pretrained(prior_dir, subfolder="image_processor"),
-        "image_encoder": CLIPVisionModelWithProjection.from_pretrained(prior_dir, subfolder="image_encoder").eval(),
-        "vae": VQModel.from_pretrained(decoder_dir, subfolder="movq").eval(),
-    }
-
-
-def reference_step(enc: dict, unet, noise_scheduler, images: list, noise, timesteps, snr_gamma, resolution: int):
-    """train_text_to_image_decoder.py's transforms, collate_fn and step, written out by hand (online encoders)."""
-
-    def center_crop(image):
-        width, height = image.size
-        new_size = min(width, height)
-        left, top = (width - new_size) / 2, (height - new_size) / 2
-        return image.crop((left, top, (width + new_size) / 2, (height + new_size) / 2))
-
-    def train_transforms(img):
-        img = center_crop(img)
-        img = img.resize((resolution, resolution), resample=Image.BICUBIC, reducing_gap=1)
-        img = np.array(img).astype(np.float32) / 127.5 - 1
-        return torch.from_numpy(np.transpose(img, [2, 0, 1]))
-
-    weight_dtype = torch.float32
-    pixel_values = torch.stack([train_transforms(image) for image in images]).float()
-    clip_pixel_values = enc["image_processor"](images, return_tensors="pt").pixel_values.float()
-    latents = enc["vae"].encode(pixel_values.to(weight_dtype)).latents
-    image_embeds = enc["image_encoder"](clip_pixel_values.to(weight_dtype)).image_embeds
-    noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
-    target = noise
-    added_cond_kwargs = {"image_embeds": image_embeds}
-    model_pred = unet(noisy_latents, timesteps, None, added_cond_kwargs=added_cond_kwargs).sample[:, :4]
-    if snr_gamma is None:
-        return F.mse_loss(model_pred.float(), target.float(), reduction="mean")
-    snr = compute_snr(noise_scheduler, timesteps)
-    mse_loss_weights = torch.stack([snr, snr_gamma * torch.ones_like(timesteps)], dim=1).min(dim=1)[0]
-    if noise_scheduler.config.prediction_type == "epsilon":
-        mse_loss_weights = mse_loss_weights / snr
-    elif noise_scheduler.config.prediction_type == "v_prediction":
-        mse_loss_weights = mse_loss_weights / (snr + 1)
-    loss = F.mse_loss(model_pred.float(), target.float(), reduction="none")
-    loss = loss.mean(dim=list(range(1, len(loss.shape)))) * mse_loss_weights
-    return loss.mean()
+    return ref.load_decoder_encoders(*tiny_models)
 
 
 @pytest.mark.parametrize("snr_gamma", [None, 5.0])
 def test_training_loss_matches_reference_step(tiny_models, sample_data, tiny_cache, reference_encoders, snr_gamma):
     decoder_dir = tiny_models[1]
     unet = UNet2DConditionModel.from_pretrained(decoder_dir, subfolder="unet").train()
-    noise_scheduler = DDPMScheduler.from_pretrained(decoder_dir, subfolder="scheduler")
+    noise_scheduler = ref.decoder_noise_scheduler(decoder_dir)
     keys = sample_data["keys"][8:16]  # the first training batch precompute formed (batch_size 8)
     images = [Image.open(Path(sample_data["imagefolder"]) / f"{k}.jpg").convert("RGB") for k in keys]
     transform = DecoderSampleTransform()  # no dropout: the cached image_embeds as they are
-    batch = DecoderCollate()([transform(s, np.random.default_rng(0)) for s in cached_samples(tiny_cache, keys)])
+    batch = DecoderCollate()([transform(s, np.random.default_rng(0)) for s in read_cache(tiny_cache, keys=keys)])
     noise = torch.randn(batch["latents"].shape, generator=torch.Generator().manual_seed(1))  # [8, 4, 8, 8]
     timesteps = torch.tensor(TIMESTEPS)
 
     ours = training_loss(unet, batch, noise_scheduler, noise=noise, timesteps=timesteps, snr_gamma=snr_gamma)
-    expected = reference_step(reference_encoders, unet, noise_scheduler, images, noise, timesteps, snr_gamma,
-                              RESOLUTION)
+    # The reference script's data path and step with online encoders (diffusers_reference cites its lines).
+    preprocess = ref.decoder_preprocess_train(reference_encoders.image_processor, RESOLUTION)
+    encoded = ref.decoder_encode(reference_encoders,
+                                 ref.loader_batch(preprocess, ref.decoder_collate_fn, {"image": images}))
+    expected = ref.decoder_loss(unet, noise_scheduler, encoded, noise, timesteps, snr_gamma)
     assert rel_err(ours, expected) <= RTOL, (ours.item(), expected.item())
 
 
@@ -193,18 +139,11 @@ def test_image_dropout_uses_the_manifest_zero_image_embedding(tiny_models, tiny_
     objective.check_manifest(source.manifest, unet)
     objective.setup(unet, source, torch.device("cpu"))
     zero = reader.zero_image_embeds(source.manifest)
-    sample = cached_samples(tiny_cache, [_first_train_key(tiny_cache)])[0]
+    sample = read_cache(tiny_cache, limit=1)[0]  # the first training sample
     out = objective.sample_transform()(sample, np.random.default_rng(0))
     np.testing.assert_array_equal(out["image_embeds"], zero)
     np.testing.assert_array_equal(out["latents"], sample[fmt.LATENTS])
     assert not np.array_equal(sample[fmt.IMAGE_EMBEDS], zero)
-
-
-def _first_train_key(cache: Path) -> str:
-    manifest = reader.load_manifest(str(cache))
-    url = reader.shard_urls(manifest, str(cache))[0]
-    raw = next(iter(wds.WebDataset([url], shardshuffle=False, nodesplitter=lambda x: x)))
-    return json.loads(raw[fmt.META])["key"]
 
 
 def test_image_dropout_rate_and_rng_stream():

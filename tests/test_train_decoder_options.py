@@ -136,6 +136,7 @@ print("PEAK_DELTA", status("VmHWM") - base, unet.is_gradient_checkpointing)
 """
 
 
+@pytest.mark.slow
 def test_gradient_checkpointing_lowers_peak_memory(tiny_models, tmp_path):
     """A UNet whose activations dominate (64x64 latents, two attention-free levels), one step per subprocess."""
     decoder = tmp_path / "decoder"

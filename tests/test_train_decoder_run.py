@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import read_cache
 from diffusers import KandinskyV22Pipeline, UNet2DConditionModel, VQModel
 from PIL import Image
 from safetensors.torch import load_file
@@ -58,6 +59,7 @@ def run(tiny_models, tiny_cache, trained_prior, tmp_path_factory):
     return {"out": out, "summary": summary, "objective": objective}
 
 
+@pytest.mark.slow
 def test_loss_decreases_on_sample_data(run, tiny_models):
     losses = run["summary"]["losses"]
     assert len(losses) == STEPS
@@ -72,12 +74,14 @@ def test_loss_decreases_on_sample_data(run, tiny_models):
     assert history[STEPS]["val/loss"] < 0.5 * base_loss, (history, base_loss)
 
 
+@pytest.mark.slow
 def test_training_never_ran_an_encoder(run):
     """The fixture's run had every CLIP constructor and MoVQ Encoder.forward raising; the MoVQ kept no encoder."""
     movq = run["objective"].validation.movq
     assert movq is not None and movq.encoder is None and movq.quant_conv is None
 
 
+@pytest.mark.slow
 def test_validation_grids_written_and_logged(run, tiny_cache):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -88,7 +92,7 @@ def test_validation_grids_written_and_logged(run, tiny_cache):
     side = 64
     assert grid.shape == (2 * side, IMAGES * side, 3)  # top: generated, bottom: ground truth
     # bottom row = the first held-out samples' cached latents, decoded as the pipeline decodes
-    held_out = _validation_samples(tiny_cache)[:IMAGES]  # load_validation's order: the manifest's
+    held_out = read_cache(tiny_cache, fmt.VALIDATION_SPLIT)[:IMAGES]  # load_validation's order: the manifest's
     latents = torch.from_numpy(np.stack([s[fmt.LATENTS] for s in held_out]))  # [n, 4, 8, 8]
     movq = VQModel.from_pretrained(run["objective"].config.pretrained_decoder_model_name_or_path, subfolder="movq")
     with torch.no_grad():
@@ -105,13 +109,7 @@ def test_validation_grids_written_and_logged(run, tiny_cache):
     assert [e.step for e in accumulator.Scalars("val/loss")] == [VALIDATION_STEPS, STEPS]
 
 
-def _validation_samples(cache: Path) -> list[dict]:
-    import webdataset as wds
-
-    urls = reader.shard_urls(reader.load_manifest(str(cache)), str(cache), fmt.VALIDATION_SPLIT)
-    return [reader.decode_sample(raw) for raw in wds.WebDataset(urls, shardshuffle=False, nodesplitter=lambda x: x)]
-
-
+@pytest.mark.slow
 def test_export_is_a_complete_decoder_pipeline(run, tiny_models, tiny_cache, trained_prior):
     out, base = run["out"], tiny_models[1]
     assert same_weights(out / "unet", out / f"checkpoint-{STEPS}" / "unet")  # the trained weights
@@ -128,13 +126,14 @@ def test_export_is_a_complete_decoder_pipeline(run, tiny_models, tiny_cache, tra
     pipe = KandinskyV22Pipeline.from_pretrained(out)
     pipe.set_progress_bar_config(disable=True)
     manifest = reader.load_manifest(str(tiny_cache))
-    embeds = torch.from_numpy(_validation_samples(tiny_cache)[0][fmt.IMAGE_EMBEDS])[None]  # [1, E]
+    embeds = torch.from_numpy(read_cache(tiny_cache, fmt.VALIDATION_SPLIT)[0][fmt.IMAGE_EMBEDS])[None]  # [1, E]
     negative = torch.from_numpy(reader.zero_image_embeds(manifest))[None]
     image = pipe(image_embeds=embeds.float(), negative_image_embeds=negative, height=64, width=64,
                  num_inference_steps=2, generator=torch.Generator().manual_seed(0)).images[0]
     assert image.size == (64, 64)
 
 
+@pytest.mark.slow
 def test_auto_pipeline_generates_from_a_prompt_with_the_trained_prior(run, trained_prior):
     from diffusers import AutoPipelineForText2Image, KandinskyV22CombinedPipeline
 
@@ -153,6 +152,7 @@ def test_auto_pipeline_generates_from_a_prompt_with_the_trained_prior(run, train
 # --- resume and EMA ----------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_resume_identity_and_ema_export(tiny_models, tiny_cache, tmp_path, capsys):
     """4 steps straight vs 2 + resume 2 (EMA, dropout, a rendered validation in between): same losses."""
     common = ["--max_train_steps", "4", "--train_batch_size", "4", "--checkpointing_steps", "2", "--use_ema",

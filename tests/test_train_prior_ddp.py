@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 10  # the tiny cache's 4 shards hold 16, 16, 16 and 8 samples: one rank runs out of its epoch first
 
@@ -26,6 +28,7 @@ def torchrun(tiny_models, cache: Path, out: Path, *flags: str) -> subprocess.Com
     return result
 
 
+@pytest.mark.slow
 def test_two_processes_train_the_same_steps_and_resume_exactly(tiny_models, tiny_cache, tmp_path):
     full = tmp_path / "full"
     result = torchrun(tiny_models, tiny_cache, full)

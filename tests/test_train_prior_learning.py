@@ -7,11 +7,14 @@ same cache with captions shuffled across images: same data, same steps, no capti
 
 from __future__ import annotations
 
+import pytest
+
 FLAGS = ("--max_train_steps", "300", "--train_batch_size", "32", "--learning_rate", "1e-3", "--use_ema",
          "--validation_steps", "300", "--validation_samples", "32", "--shuffle_buffer", "256")
 MARGIN = 0.03  # cosine points; the real run clears the baseline by ~0.06-0.08 at seeds 0 and 1
 
 
+@pytest.mark.slow
 def test_held_out_cosine_beats_the_mean_baseline_and_a_shuffled_control_does_not(train_prior, learning_caches,
                                                                               tmp_path):
     cache, control = learning_caches

@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
+import diffusers_reference as ref
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-import webdataset as wds
+from conftest import read_cache
 from diffusers import DDPMScheduler, PriorTransformer
-from diffusers.training_utils import compute_snr
 from PIL import Image, ImageOps
 
 from precompute import format as fmt
-from precompute import reader
 from train.prior import PriorCollate, PriorSampleTransform, make_noise_scheduler, training_loss
 from train.snr import diffusion_mse, min_snr_weights
 
@@ -22,67 +19,10 @@ RTOL = 1e-5  # fp32 cache: the issue's bound on the relative error of the loss
 TIMESTEPS = [0, 10, 250, 500, 750, 999]  # one batch spread over the schedule
 
 
-def cached_train_samples(cache: Path, n: int) -> list[dict]:
-    """The first n decoded training samples of the cache (with their source metadata)."""
-    manifest = reader.load_manifest(str(cache))
-    urls = reader.shard_urls(manifest, str(cache), fmt.TRAIN_SPLIT)
-    samples = []
-    for raw in wds.WebDataset(urls, shardshuffle=False, nodesplitter=lambda u: u):
-        samples.append(reader.decode_sample(raw))
-        if len(samples) == n:
-            return samples
-    raise AssertionError("cache too small")
-
-
-def reference_loss(models, images, captions, prior, noise, timesteps, snr_gamma):
-    """The reference script's step (train_text_to_image_prior.py), line by line, with online encoders."""
-    from transformers import (
-        CLIPImageProcessor,
-        CLIPTextModelWithProjection,
-        CLIPTokenizer,
-        CLIPVisionModelWithProjection,
-    )
-
-    path = str(models[0])
-    noise_scheduler = DDPMScheduler(beta_schedule="squaredcos_cap_v2", prediction_type="sample")
-    image_processor = CLIPImageProcessor.from_pretrained(path, subfolder="image_processor")
-    tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")
-    image_encoder = CLIPVisionModelWithProjection.from_pretrained(path, subfolder="image_encoder").eval()
-    text_encoder = CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder").eval()
-    clip_mean, clip_std = prior.clip_mean.clone(), prior.clip_std.clone()
-
-    inputs = tokenizer(captions, max_length=tokenizer.model_max_length, padding="max_length", truncation=True,
-                       return_tensors="pt")
-    text_input_ids, text_mask = inputs.input_ids, inputs.attention_mask.bool()
-    clip_images = image_processor([image.convert("RGB") for image in images], return_tensors="pt").pixel_values
-    with torch.no_grad():
-        text_encoder_output = text_encoder(text_input_ids)
-        prompt_embeds = text_encoder_output.text_embeds
-        text_encoder_hidden_states = text_encoder_output.last_hidden_state
-        image_embeds = image_encoder(clip_images).image_embeds
-        image_embeds = (image_embeds - clip_mean) / clip_std
-        noisy_latents = noise_scheduler.add_noise(image_embeds, noise, timesteps)
-        target = image_embeds
-    model_pred = prior(noisy_latents, timestep=timesteps, proj_embedding=prompt_embeds,
-                       encoder_hidden_states=text_encoder_hidden_states, attention_mask=text_mask).predicted_image_embedding
-    if snr_gamma is None:
-        loss = F.mse_loss(model_pred.float(), target.float(), reduction="mean")
-    else:
-        snr = compute_snr(noise_scheduler, timesteps)
-        mse_loss_weights = torch.stack([snr, snr_gamma * torch.ones_like(timesteps)], dim=1).min(dim=1)[0]
-        if noise_scheduler.config.prediction_type == "epsilon":
-            mse_loss_weights = mse_loss_weights / snr
-        elif noise_scheduler.config.prediction_type == "v_prediction":
-            mse_loss_weights = mse_loss_weights / (snr + 1)
-        loss = F.mse_loss(model_pred.float(), target.float(), reduction="none")
-        loss = loss.mean(dim=list(range(1, len(loss.shape)))) * mse_loss_weights
-        loss = loss.mean()
-    return loss, text_mask
-
-
 @pytest.mark.parametrize("snr_gamma", [None, 5.0])
 def test_cached_loss_equals_reference_step(tiny_models, tiny_cache, snr_gamma):
-    samples = cached_train_samples(tiny_cache, len(TIMESTEPS))
+    samples = read_cache(tiny_cache, limit=len(TIMESTEPS))
+    assert len(samples) == len(TIMESTEPS), "cache too small"
     choices = [i % len(s[fmt.CAPTIONS]) for i, s in enumerate(samples)]  # several caption slots, fixed on both sides
     # What datasets' Image feature does for the reference: PIL open + EXIF transpose.
     images = [ImageOps.exif_transpose(Image.open(s[fmt.META]["path"])) for s in samples]
@@ -100,7 +40,14 @@ def test_cached_loss_equals_reference_step(tiny_models, tiny_cache, snr_gamma):
     ours.backward()
     our_grads = [p.grad.clone() for p in prior.parameters() if p.grad is not None]
     prior.zero_grad()
-    reference, text_mask = reference_loss(tiny_models, images, captions, prior, noise, timesteps, snr_gamma)
+    # The reference script's step with online encoders (diffusers_reference cites its lines).
+    encoders = ref.load_prior_encoders(tiny_models[0])
+    preprocess = ref.prior_preprocess_train(encoders.tokenizer, encoders.image_processor)
+    encoded = ref.prior_encode(encoders, ref.loader_batch(preprocess, ref.prior_collate_fn,
+                                                          {"image": images, "text": captions}))
+    reference = ref.prior_loss(prior, ref.prior_noise_scheduler(), encoded, prior.clip_mean.clone(),
+                               prior.clip_std.clone(), noise, timesteps, snr_gamma)
+    text_mask = encoded["text_mask"]
     reference.backward()
     ref_grads = [p.grad for p in prior.parameters() if p.grad is not None]
 

@@ -45,6 +45,7 @@ def test_a_cache_that_does_not_fit_is_refused_before_step_1(train_prior, tiny_ca
     assert not any(p.name.startswith("checkpoint-") for p in (tmp_path / "out").glob("*"))
 
 
+@pytest.mark.slow
 def test_cli_prints_one_error_line_and_exits_2(tiny_models, tiny_cache, tmp_path):
     cache = edited_cache(tiny_cache, tmp_path / "cache", lambda m: m["shapes"].update(embedding_dim=16))
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONWARNINGS="ignore")

@@ -39,6 +39,7 @@ def full_run(train_prior, tiny_cache, tmp_path_factory):
     return out, train_prior(out, tiny_cache, *RUN_FLAGS)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("workers", [0, 2])
 def test_resumed_run_has_identical_losses_and_weights(train_prior, tiny_cache, tmp_path, full_run, workers):
     reference_dir, reference = full_run
@@ -60,6 +61,7 @@ def test_resumed_run_has_identical_losses_and_weights(train_prior, tiny_cache, t
     assert resumed["validation"] == reference["validation"]
 
 
+@pytest.mark.slow
 def test_checkpoints_rotate_and_hold_safetensors_and_the_config(full_run):
     out, _ = full_run
     assert sorted(d for d in os.listdir(out) if d.startswith("checkpoint-")) == ["checkpoint-6", "checkpoint-9"]
@@ -75,6 +77,7 @@ def test_checkpoints_rotate_and_hold_safetensors_and_the_config(full_run):
     assert prompts.shape == (2, 32) and np.isfinite(prompts).all()
 
 
+@pytest.mark.slow
 def test_ema_weights_differ_from_raw_and_are_exported(full_run):
     out, _ = full_run
     exported = load_file(str(out / "prior" / WEIGHTS))
@@ -84,6 +87,7 @@ def test_ema_weights_differ_from_raw_and_are_exported(full_run):
     assert not all(torch.equal(ema[k], raw[k]) for k in raw)
 
 
+@pytest.mark.slow
 def test_exported_folder_is_a_prior_pipeline_that_generates(full_run, tiny_models):
     from diffusers import AutoPipelineForText2Image, KandinskyV22PriorPipeline
 
