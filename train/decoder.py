@@ -22,8 +22,9 @@ from precompute import reader
 
 from .data import CacheSource, load_validation
 from .decoder_config import DecoderTrainConfig
+from .decoder_validation import DecoderValidation
+from .diffusion import diffusion_mse, draw_noise_and_timesteps, prediction_target
 from .export import export_pipeline, write_model_card
-from .snr import diffusion_mse
 
 logger = logging.getLogger(__name__)
 
@@ -45,19 +46,6 @@ def make_noise_scheduler(decoder: str) -> DDPMScheduler:
     return DDPMScheduler.from_pretrained(decoder, subfolder="scheduler")
 
 
-def prediction_target(noise_scheduler: DDPMScheduler, latents: torch.Tensor, noise: torch.Tensor,
-                      timesteps: torch.Tensor) -> torch.Tensor:
-    """What the UNet predicts under the scheduler's prediction type (the reference assumes epsilon)."""
-    prediction_type = noise_scheduler.config.prediction_type
-    if prediction_type == "epsilon":
-        return noise
-    if prediction_type == "v_prediction":
-        return noise_scheduler.get_velocity(latents, noise, timesteps)
-    if prediction_type == "sample":
-        return latents
-    raise ValueError(f"unknown prediction_type {prediction_type!r}")
-
-
 def training_loss(
     unet: torch.nn.Module,
     batch: dict[str, torch.Tensor],
@@ -71,6 +59,8 @@ def training_loss(
 
     `batch`: `latents` [B, 4, h, w] (`movq.encode(x).latents`, unquantised) and `image_embeds` [B, E]
     (raw CLIP). `noise` [B, 4, h, w] and `timesteps` [B] are given so that tests can replay a step.
+    The target follows the scheduler's prediction type (the reference assumes epsilon, the decoder's).
+    Returns the scalar loss.
     """
     latents = batch["latents"].float()  # [B, 4, h, w]
     image_embeds = batch["image_embeds"].float()  # [B, E]
@@ -197,10 +187,9 @@ class DecoderObjective:
         self.zero_image_embeds = reader.zero_image_embeds(source.manifest)  # [E]
         limit = max(self.config.validation_samples, self.config.validation_images)
         if self.config.validation_steps and limit:
-            from .decoder_validation import DecoderValidation
-
             held_out = load_validation(source, TRAIN_MEMBERS, limit)
-            self.validation = DecoderValidation(self.config, self.noise_scheduler, held_out, self.zero_image_embeds)
+            self.validation = DecoderValidation(self.config, self.noise_scheduler, held_out, self.zero_image_embeds,
+                                                loss=training_loss)
 
     def train_module(self, model: UNet2DConditionModel) -> torch.nn.Module:
         return model
@@ -213,10 +202,8 @@ class DecoderObjective:
 
     def loss(self, module: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Draw noise then timesteps (as the reference; global torch RNG, restored on resume) and return the loss."""
-        latents = batch["latents"]  # [B, 4, h, w]
-        noise = torch.randn(latents.shape, device=latents.device)  # [B, 4, h, w]
-        timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
-                                  device=latents.device).long()  # [B]
+        noise, timesteps = draw_noise_and_timesteps(batch["latents"],
+                                                    self.noise_scheduler.config.num_train_timesteps)  # [B, 4, h, w], [B]
         return training_loss(module, batch, self.noise_scheduler, noise=noise, timesteps=timesteps,
                              snr_gamma=self.config.snr_gamma)
 

@@ -21,8 +21,9 @@ from precompute import reader
 from .config import PriorTrainConfig
 from .data import CacheSource, load_validation
 from .export import export_pipeline, write_model_card
+from .diffusion import diffusion_mse, draw_noise_and_timesteps, prediction_target
 from .prior_trim import TrimmedPrior, pad_to_longest
-from .snr import diffusion_mse
+from .prior_validation import PriorValidation
 
 logger = logging.getLogger(__name__)
 
@@ -53,25 +54,27 @@ def training_loss(
 ) -> torch.Tensor:
     """The reference prior loss on one collated cache batch.
 
-    `batch`: `image_embeds` [B, E] (raw CLIP), `text_embeds` [B, E], `text_hidden` [B, L, H] and
-    `text_mask` [B, L] bool (L = 77, or the longest caption when `prior` is a trimming `TrimmedPrior`).
-    `noise` [B, E] and `timesteps` [B] are given so that tests can replay a step; `clip_mean`/`clip_std`
-    [1, E] are the prior's own statistics cloned before training, as in the reference.
-    `prior` is a `PriorTransformer` or a `TrimmedPrior` (which returns the prediction directly).
+    `prior` is a module returning the predicted image embedding [B, E] (a `TrimmedPrior`: trimming
+    or the plain 77-token forward, see `PriorObjective.train_module`). `batch`: `image_embeds` [B, E]
+    (raw CLIP), `text_embeds` [B, E], `text_hidden` [B, L, H] and `text_mask` [B, L] bool (L = the
+    prior's num_embeddings, or the longest caption of the batch). `noise` [B, E] and `timesteps` [B]
+    are given so that tests can replay a step; `clip_mean`/`clip_std` [1, E] are the prior's own
+    statistics cloned before training, as in the reference. Returns the scalar loss.
     """
     dtype = clip_mean.dtype
     image_embeds = batch["image_embeds"].to(dtype)  # [B, E]
-    image_embeds = (image_embeds - clip_mean) / clip_std  # [B, E] normalised: the x0 target
-    noisy_image_embeds = noise_scheduler.add_noise(image_embeds, noise.to(dtype), timesteps)  # [B, E]
-    out = prior(
+    image_embeds = (image_embeds - clip_mean) / clip_std  # [B, E] normalised: the x0 the scheduler noises
+    noise = noise.to(dtype)  # [B, E]
+    noisy_image_embeds = noise_scheduler.add_noise(image_embeds, noise, timesteps)  # [B, E]
+    target = prediction_target(noise_scheduler, image_embeds, noise, timesteps)  # [B, E] x0 ("sample")
+    model_pred = prior(
         noisy_image_embeds,
         timestep=timesteps,
         proj_embedding=batch["text_embeds"].to(dtype),  # [B, E]
         encoder_hidden_states=batch["text_hidden"].to(dtype),  # [B, L, H]
         attention_mask=batch["text_mask"],  # [B, L]
-    )
-    model_pred = getattr(out, "predicted_image_embedding", out)  # [B, E]
-    return diffusion_mse(model_pred, image_embeds, timesteps, noise_scheduler, snr_gamma)
+    )  # [B, E]
+    return diffusion_mse(model_pred, target, timesteps, noise_scheduler, snr_gamma)
 
 
 class PriorSampleTransform:
@@ -185,18 +188,18 @@ class PriorObjective:
         self.clip_mean = model.clip_mean.detach().clone().float().to(device)  # [1, E]
         self.clip_std = model.clip_std.detach().clone().float().to(device)  # [1, E]
         self.empty_text = reader.unconditional_text(source.manifest)
-        from .prior_validation import PriorValidation
-
         if self.config.validation_steps:
             held_out = load_validation(source, TRAIN_MEMBERS + (fmt.CAPTIONS,), self.config.validation_samples)
             self.validation = PriorValidation(self.config, source.manifest, held_out, self.empty_text)
 
-    def train_module(self, model: PriorTransformer) -> torch.nn.Module:
-        """What accelerate prepares: the prior behind one forward (trimmed and/or checkpointed if asked)."""
-        if self.config.trim_padding or self.config.gradient_checkpointing:
-            return TrimmedPrior(model, trim_padding=self.config.trim_padding,
-                                gradient_checkpointing=self.config.gradient_checkpointing)
-        return model
+    def train_module(self, model: PriorTransformer) -> TrimmedPrior:
+        """What accelerate prepares: the prior behind one forward returning the prediction [B, E].
+
+        Always the same wrapper, so that `training_loss` sees one return type: it trims the padding
+        and/or checkpoints if asked, else runs diffusers' own 77-token forward.
+        """
+        return TrimmedPrior(model, trim_padding=self.config.trim_padding,
+                            gradient_checkpointing=self.config.gradient_checkpointing)
 
     def sample_transform(self) -> PriorSampleTransform:
         return PriorSampleTransform(self.config.text_dropout, self.empty_text)
@@ -217,10 +220,8 @@ class PriorObjective:
 
     def loss(self, module: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Draw noise and timesteps (global torch RNG, restored on resume) and return the loss."""
-        image_embeds = batch["image_embeds"]  # [B, E]
-        noise = torch.randn(image_embeds.shape, device=image_embeds.device)  # [B, E]
-        timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (image_embeds.shape[0],),
-                                  device=image_embeds.device).long()  # [B]
+        noise, timesteps = draw_noise_and_timesteps(batch["image_embeds"],
+                                                    self.noise_scheduler.config.num_train_timesteps)  # [B, E], [B]
         return training_loss(module, batch, self.noise_scheduler, noise=noise, timesteps=timesteps,
                              snr_gamma=self.config.snr_gamma, clip_mean=self.clip_mean, clip_std=self.clip_std)
 
