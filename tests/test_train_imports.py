@@ -74,7 +74,8 @@ def test_no_module_of_train_imports_one_that_imports_it_back():
 
 def test_the_trainer_does_not_import_datasets():
     """`datasets` (hundreds of ms, and only precompute's inputs need it) stays out of `python -m train`."""
-    code = "import sys, train.loop, train.__main__; print(sorted(m for m in sys.modules if m.split('.')[0] == 'datasets'))"
+    code = ("import sys, train.loop, train.__main__; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'datasets'))")
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
                             timeout=300, check=False)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -18,10 +17,11 @@ from diffusers import DDPMScheduler, PriorTransformer
 from precompute import format as fmt
 from precompute import reader
 
-from .config import PriorTrainConfig
 from .data import CacheSource, load_validation
-from .export import export_pipeline, write_model_card
 from .diffusion import diffusion_mse, draw_noise_and_timesteps, prediction_target
+from .export import export_pipeline, write_model_card
+from .objective import Bucketing, ObjectiveBase, refuse_unfit_cache
+from .prior_config import PriorTrainConfig
 from .prior_trim import TrimmedPrior, pad_to_longest
 from .prior_validation import PriorValidation
 
@@ -30,10 +30,6 @@ logger = logging.getLogger(__name__)
 PRIOR_SUBFOLDER = "prior"
 FROZEN_COMPONENTS = ("text_encoder", "image_encoder", "tokenizer", "image_processor", "scheduler")
 TRAIN_MEMBERS = (fmt.TEXT_EMBEDS, fmt.TEXT_HIDDEN, fmt.TEXT_LENGTHS, fmt.IMAGE_EMBEDS)
-
-
-class ManifestMismatch(ValueError):
-    """The cache was not made for this model (or not for the prior)."""
 
 
 def make_noise_scheduler() -> DDPMScheduler:
@@ -135,29 +131,28 @@ class PriorCollate:
 
 
 def check_manifest(manifest: dict, prior: PriorTransformer) -> None:
-    """Refuse, with one message listing every problem, a cache that cannot train this prior."""
-    fmt.check_manifest(manifest)
-    problems = []
-    missing = fmt.missing_members(manifest, fmt.PRIOR_MEMBERS)
-    if missing:
-        problems.append(f"the shards lack the prior members {missing} (encode={manifest.get('encode')!r}; "
-                        "re-run precompute with --encode prior or all)")
-    shapes, config = manifest.get("shapes", {}), prior.config
-    if shapes.get("embedding_dim") != config.embedding_dim:
-        problems.append(f"embedding_dim {shapes.get('embedding_dim')} != prior embedding_dim {config.embedding_dim}")
-    if shapes.get("text_hidden_size") != config.embedding_dim:
-        problems.append(f"text_hidden_size {shapes.get('text_hidden_size')} != prior embedding_dim "
-                        f"{config.embedding_dim} (the prior projects text hidden states from embedding_dim)")
-    if shapes.get("max_length") != config.num_embeddings:
-        problems.append(f"{shapes.get('max_length')} text tokens != prior num_embeddings {config.num_embeddings}")
-    if reader.split_count(manifest, fmt.TRAIN_SPLIT) == 0:
-        problems.append("the cache has no training samples")
-    if problems:
-        raise ManifestMismatch("the cache does not fit this prior: " + "; ".join(problems))
+    """Refuse, with one message listing every problem, a cache that cannot train this prior.
+
+    Raises `ManifestMismatch` (train/objective.py) or `FormatError`, both ValueErrors.
+    """
+    config = prior.config
+
+    def problems(shapes: dict, members_present: bool) -> list[str]:
+        found = []
+        if shapes.get("embedding_dim") != config.embedding_dim:
+            found.append(f"embedding_dim {shapes.get('embedding_dim')} != prior embedding_dim {config.embedding_dim}")
+        if shapes.get("text_hidden_size") != config.embedding_dim:
+            found.append(f"text_hidden_size {shapes.get('text_hidden_size')} != prior embedding_dim "
+                         f"{config.embedding_dim} (the prior projects text hidden states from embedding_dim)")
+        if shapes.get("max_length") != config.num_embeddings:
+            found.append(f"{shapes.get('max_length')} text tokens != prior num_embeddings {config.num_embeddings}")
+        return found
+
+    refuse_unfit_cache(manifest, "prior", fmt.PRIOR_MEMBERS, problems)
 
 
-class PriorObjective:
-    """What the shared loop needs for `python -m train prior` (see train/loop.py `Objective`)."""
+class PriorObjective(ObjectiveBase):
+    """What the shared loop needs for `python -m train prior` (see `Objective` in train/objective.py)."""
 
     name = "prior"
     config_class = PriorTrainConfig
@@ -204,12 +199,7 @@ class PriorObjective:
     def sample_transform(self) -> PriorSampleTransform:
         return PriorSampleTransform(self.config.text_dropout, self.empty_text)
 
-    @property
-    def varying_shapes(self) -> bool:
-        """Trimmed batches change width every step (the loop then limits CPU heap fragmentation)."""
-        return self.config.trim_padding
-
-    def bucketing(self) -> tuple[int, Callable[[dict], int]] | None:
+    def bucketing(self) -> Bucketing | None:
         """Length-aware batching pays only when batches are trimmed to their longest caption."""
         if self.config.trim_padding and self.config.length_bucket_batches > 0:
             return self.config.length_bucket_batches, caption_length
@@ -224,11 +214,6 @@ class PriorObjective:
                                                     self.noise_scheduler.config.num_train_timesteps)  # [B, E], [B]
         return training_loss(module, batch, self.noise_scheduler, noise=noise, timesteps=timesteps,
                              snr_gamma=self.config.snr_gamma, clip_mean=self.clip_mean, clip_std=self.clip_std)
-
-    def validate(self, model: PriorTransformer, step: int, accelerator) -> dict[str, float]:
-        if self.validation is None:
-            return {}
-        return self.validation.run(model, step, accelerator)
 
     def export(self, model: PriorTransformer, output_dir: str, summary: dict) -> None:
         """A complete KandinskyV22PriorPipeline folder: trained prior + the base's frozen files."""
