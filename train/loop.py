@@ -47,6 +47,32 @@ def make_loader(config: TrainConfig, objective: Objective, source: CacheSource, 
                         bucketing=objective.bucketing())
 
 
+def train_step(accelerator: Accelerator, module: torch.nn.Module, objective: Objective,
+               batch: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer, lr_scheduler: Any,
+               max_grad_norm: float) -> torch.Tensor:
+    """One micro-batch of training, exactly as `train` runs it; returns its loss, detached (a scalar).
+
+    Under `accelerator.accumulate(module)`: the objective's loss on `batch` (a collated batch
+    already on `accelerator.device`), backward, gradient clipping to `max_grad_norm` when the
+    gradients are synchronised (the last micro-batch of an optimisation step), then
+    `optimizer.step()`, `lr_scheduler.step()` and `optimizer.zero_grad()`; accelerate's prepared
+    optimizer and scheduler skip their step on the other micro-batches. `module`, `optimizer` and
+    `lr_scheduler` are the ones `accelerator.prepare` returned. Whether this call completed an
+    optimisation step is `accelerator.sync_gradients` afterwards. The loss is not gathered over
+    processes nor moved to the host here: logging it (a device sync) is the caller's choice.
+    Raises whatever the objective's loss or the backward pass raises.
+    """
+    with accelerator.accumulate(module):
+        loss = objective.loss(module, batch)  # scalar
+        accelerator.backward(loss)
+        if accelerator.sync_gradients:
+            accelerator.clip_grad_norm_(module.parameters(), max_grad_norm)
+        optimizer.step()
+        lr_scheduler.step()
+        optimizer.zero_grad()
+    return loss.detach()
+
+
 def train(config: TrainConfig, objective: Objective) -> dict[str, Any]:
     """Run (or resume) one training job; returns a summary (losses per step, final validation, ...)."""
     launched = int(os.environ.get("WORLD_SIZE", "1"))
@@ -120,15 +146,8 @@ def train(config: TrainConfig, objective: Objective) -> dict[str, Any]:
     step_loss = 0.0
     while global_step < max_steps:
         batch = {k: v.to(accelerator.device, non_blocking=True) for k, v in next(loader).items()}
-        with accelerator.accumulate(module):
-            loss = objective.loss(module, batch)
-            step_loss += accelerator.gather(loss.detach()).mean().item() / config.gradient_accumulation_steps
-            accelerator.backward(loss)
-            if accelerator.sync_gradients:
-                accelerator.clip_grad_norm_(module.parameters(), config.max_grad_norm)
-            optimizer.step()
-            lr_scheduler.step()
-            optimizer.zero_grad()
+        loss = train_step(accelerator, module, objective, batch, optimizer, lr_scheduler, config.max_grad_norm)
+        step_loss += accelerator.gather(loss).mean().item() / config.gradient_accumulation_steps
         if not accelerator.sync_gradients:
             continue
 
