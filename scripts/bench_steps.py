@@ -51,7 +51,7 @@ class LeanTrainer:
     def __init__(self, command: str, argv: list[str], accelerator: Accelerator, share=None, tune_heap: bool = False):
         from train.__main__ import load_objective_class
         from train.config import parse_config
-        from train.data import resolve_source
+        from train.source import resolve_source
         from train.loop import limit_cpu_heap_fragmentation, make_loader, make_optimizer
 
         objective_class = load_objective_class(command)

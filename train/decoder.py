@@ -20,12 +20,13 @@ from diffusers.utils.import_utils import is_xformers_available
 from precompute import format as fmt
 from precompute import reader
 
-from .data import CacheSource, load_validation
 from .decoder_config import DecoderTrainConfig
 from .decoder_validation import DecoderValidation
 from .diffusion import diffusion_mse, draw_noise_and_timesteps, prediction_target
 from .export import export_pipeline, write_model_card
+from .loader import load_validation
 from .objective import ObjectiveBase, refuse_unfit_cache
+from .source import CacheSource
 
 logger = logging.getLogger(__name__)
 

@@ -25,9 +25,10 @@ from precompute import reader
 from .checkpoints import find_checkpoint, load_train_state, register_checkpoint_hooks, resolve_seed, save_checkpoint
 from .config import TrainConfig
 from .cpu_heap import limit_cpu_heap_fragmentation
-from .data import CacheSource, build_loader, resolve_source
+from .loader import build_loader
 from .export import draw_loss_curve
 from .objective import Objective
+from .source import CacheSource, resolve_source
 from .trackers import resolve_trackers, tracker_config
 
 logger = logging.getLogger(__name__)

@@ -17,10 +17,9 @@ from accelerate import Accelerator
 from precompute import format as fmt
 from precompute import reader
 
-from .data import CacheSource, Collate, SampleTransform
-
-# (batches per window, length key of a transformed sample): length-aware batching, see train.order.length_bucketed
-Bucketing = tuple[int, Callable[[dict], int]]
+from .loader import Collate, SampleTransform
+from .order import Bucketing
+from .source import CacheSource
 
 
 class ManifestMismatch(ValueError):

@@ -17,13 +17,14 @@ from diffusers import DDPMScheduler, PriorTransformer
 from precompute import format as fmt
 from precompute import reader
 
-from .data import CacheSource, load_validation
 from .diffusion import diffusion_mse, draw_noise_and_timesteps, prediction_target
 from .export import export_pipeline, write_model_card
+from .loader import load_validation
 from .objective import Bucketing, ObjectiveBase, refuse_unfit_cache
 from .prior_config import PriorTrainConfig
 from .prior_trim import TrimmedPrior, pad_to_longest
 from .prior_validation import PriorValidation
+from .source import CacheSource
 
 logger = logging.getLogger(__name__)
 
