@@ -75,7 +75,8 @@ def test_resume_does_not_open_shards_already_consumed(tiny_cache, monkeypatch):
     reference = take(stream(source, shuffle_buffer=1), 13)  # no sample shuffle: shards are read in order
     opened = []
     read_raw = loader_module._read_raw
-    monkeypatch.setattr(loader_module, "_read_raw", lambda shard, *a: (opened.append(shard.url), read_raw(shard, *a))[1])
+    monkeypatch.setattr(loader_module, "_read_raw",
+                        lambda shard, *a: (opened.append(shard.url), read_raw(shard, *a))[1])
     take(stream(source, shuffle_buffer=1, state={"positions": {"0": reference[-1]["__position__"]}, "batches": 13}), 1)
     epoch_order = epoch_shards(source.train, 0, 0, 0, 1)
     assert opened[0] == epoch_order[-1].url  # 52 of 56 samples consumed: only the last shard is read
@@ -145,7 +146,8 @@ def test_shard_members_are_never_unpickled(tiny_cache, tmp_path, monkeypatch):
                           **{k: v for k, v in raw.items() if not k.startswith("__")}})
     source = resolve_source([str(cache)])
     loader = build_loader(source, seed=0, rank=0, world_size=1, num_workers=0, batch_size=4, shuffle_buffer=4,
-                          members=TRAIN_MEMBERS, transform=PriorSampleTransform(), collate=PriorCollate())
+                          members=TRAIN_MEMBERS, transform=PriorSampleTransform(),
+                          collate=PriorCollate(manifest["shapes"]["max_length"]))
     batch = next(loader)
     assert set(batch) == {"image_embeds", "text_embeds", "text_hidden", "text_mask"} and not calls
     assert "evil.pyd" not in reader.decode_sample({"evil.pyd": b"\x80\x04K\x01."})

@@ -91,8 +91,8 @@ def test_cached_loss_equals_reference_step(tiny_models, tiny_cache, snr_gamma):
     items = [{"image_embeds": s[fmt.IMAGE_EMBEDS], "text_embeds": s[fmt.TEXT_EMBEDS][c],
               "text_hidden": fmt.split_hidden(s[fmt.TEXT_HIDDEN], s[fmt.TEXT_LENGTHS])[c]}
              for s, c in zip(samples, choices)]
-    batch = PriorCollate()(items)
     prior = PriorTransformer.from_pretrained(str(tiny_models[0]), subfolder="prior")
+    batch = PriorCollate(prior.config.num_embeddings)(items)
     noise = torch.randn(len(samples), prior.config.embedding_dim, generator=torch.Generator().manual_seed(0))
     timesteps = torch.tensor(TIMESTEPS)
 
@@ -123,10 +123,11 @@ def test_padding_back_with_zeros_is_exact():
         prior.positional_embedding.normal_()
         prior.prd_embedding.normal_()
     lengths = [2, 9, 30, 77]
-    batch = PriorCollate()([{"image_embeds": np.random.randn(32).astype(np.float32),
-                             "text_embeds": np.random.randn(32).astype(np.float32),
-                             "text_hidden": np.random.randn(n, 32).astype(np.float32)} for n in lengths])
-    assert batch["text_hidden"].shape == (4, 77, 32)
+    text_positions = prior.config.num_embeddings  # 77
+    batch = PriorCollate(text_positions)([{"image_embeds": np.random.randn(32).astype(np.float32),
+                                           "text_embeds": np.random.randn(32).astype(np.float32),
+                                           "text_hidden": np.random.randn(n, 32).astype(np.float32)} for n in lengths])
+    assert batch["text_hidden"].shape == (4, text_positions, 32)
     assert batch["text_mask"].sum(1).tolist() == lengths
     junk = dict(batch, text_hidden=torch.where(batch["text_mask"][..., None], batch["text_hidden"],
                                                5 * torch.randn(batch["text_hidden"].shape)))
@@ -137,9 +138,10 @@ def test_padding_back_with_zeros_is_exact():
     zero_loss = training_loss(plain, batch, scheduler, **kwargs)
     junk_loss = training_loss(plain, junk, scheduler, **kwargs)
     assert abs(zero_loss.item() - junk_loss.item()) <= 1e-6 * abs(junk_loss.item())
-    longest = PriorCollate(pad_to_longest=True)([{"image_embeds": np.zeros(32, np.float32),
-                                                  "text_embeds": np.zeros(32, np.float32),
-                                                  "text_hidden": np.ones((n, 32), np.float32)} for n in (3, 5)])
+    longest = PriorCollate(text_positions, pad_to_longest=True)([{"image_embeds": np.zeros(32, np.float32),
+                                                                  "text_embeds": np.zeros(32, np.float32),
+                                                                  "text_hidden": np.ones((n, 32), np.float32)}
+                                                                 for n in (3, 5)])
     assert longest["text_hidden"].shape == (2, 5, 32) and longest["text_mask"].sum(1).tolist() == [3, 5]
 
 

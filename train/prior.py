@@ -109,12 +109,14 @@ def caption_length(sample: dict) -> int:
 
 
 class PriorCollate:
-    """Stack samples; pad `text_hidden` back with zeros to 77 tokens (or the longest) and rebuild the mask.
+    """Stack samples; pad `text_hidden` back with zeros to `max_length` tokens (or the longest) and rebuild the mask.
 
-    Zeros are exact: padded positions are masked out of every attention read (see train/prior_trim.py).
+    `max_length` is the prior's `num_embeddings` (77 for Kandinsky 2.2; `check_manifest` holds the
+    cache's `max_length` to it). Zeros are exact: padded positions are masked out of every attention
+    read (see train/prior_trim.py). A caption longer than `max_length` raises `FormatError`.
     """
 
-    def __init__(self, max_length: int = 77, pad_to_longest: bool = False):
+    def __init__(self, max_length: int, pad_to_longest: bool = False):
         self.max_length, self.pad_to_longest = max_length, pad_to_longest
 
     def __call__(self, samples: list[dict]) -> dict[str, torch.Tensor]:
@@ -165,6 +167,7 @@ class PriorObjective(ObjectiveBase):
         self.config = config
         self.noise_scheduler = make_noise_scheduler()
         self.clip_mean = self.clip_std = None
+        self.max_length: int | None = None  # text positions of the prior (its num_embeddings), set in setup
         self.empty_text: dict[str, np.ndarray] | None = None
         self.validation = None
 
@@ -183,10 +186,12 @@ class PriorObjective(ObjectiveBase):
         """Clone clip_mean/clip_std before training (as the reference) and read the held-out data."""
         self.clip_mean = model.clip_mean.detach().clone().float().to(device)  # [1, E]
         self.clip_std = model.clip_std.detach().clone().float().to(device)  # [1, E]
+        self.max_length = model.config.num_embeddings
         self.empty_text = reader.unconditional_text(source.manifest)
         if self.config.validation_steps:
             held_out = load_validation(source, TRAIN_MEMBERS + (fmt.CAPTIONS,), self.config.validation_samples)
-            self.validation = PriorValidation(self.config, source.manifest, held_out, self.empty_text)
+            self.validation = PriorValidation(self.config, source.manifest, held_out, self.empty_text,
+                                              max_length=self.max_length)
 
     def train_module(self, model: PriorTransformer) -> TrimmedPrior:
         """What accelerate prepares: the prior behind one forward returning the prediction [B, E].
@@ -207,7 +212,7 @@ class PriorObjective(ObjectiveBase):
         return None
 
     def collate(self) -> PriorCollate:
-        return PriorCollate(pad_to_longest=self.config.trim_padding)
+        return PriorCollate(self.max_length, pad_to_longest=self.config.trim_padding)
 
     def loss(self, module: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Draw noise and timesteps (global torch RNG, restored on resume) and return the loss."""
