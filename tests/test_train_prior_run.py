@@ -100,9 +100,11 @@ def test_exported_folder_is_a_prior_pipeline_that_generates(full_run, tiny_model
                 width=64, output_type="np", generator=torch.Generator().manual_seed(0)).images
     assert image.shape == (1, 64, 64, 3)
 
-    for name in ("text_encoder", "image_encoder"):  # frozen files linked or copied, not re-saved
+    for name in ("text_encoder", "image_encoder"):  # frozen files copied, not re-saved and not linked
         (weights,) = [f for f in os.listdir(prior_dir / name) if f.endswith(".safetensors")]
         assert (out / name / weights).read_bytes() == (prior_dir / name / weights).read_bytes()
+        assert not (out / name / weights).is_symlink()
+        assert not os.path.samefile(out / name / weights, prior_dir / name / weights)  # another inode
     card = (out / "README.md").read_text()
     assert f"base_model: {prior_dir}" in card and f"Steps: {STEPS}" in card
     with Image.open(out / "loss_curve.png") as curve:

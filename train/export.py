@@ -1,7 +1,9 @@
 """The end of a run: a loadable diffusers pipeline folder, a model card and a loss-curve PNG.
 
-Frozen components are taken from the base pipeline folder as files (hard links where the file
-system allows, else copies): the encoders are never loaded into memory just to be saved again.
+Frozen components are copied from the base pipeline folder as files: the encoders are never loaded
+into memory just to be saved again. Copied, never hard-linked or symlinked: in a hub cache the
+snapshot files are symlinks to shared blobs, and a later in-place save into the exported folder
+(`save_pretrained` over it, an editor) would then overwrite the cache's file for every user of it.
 """
 
 from __future__ import annotations
@@ -29,8 +31,12 @@ def local_model_dir(name_or_path: str, folders: Sequence[str]) -> str:
     return snapshot_download(name_or_path, allow_patterns=patterns)
 
 
-def link_or_copy_tree(src: str, dst: str) -> None:
-    """Mirror `src` into `dst` file by file: hard link when possible (same file system), else copy."""
+def copy_tree(src: str, dst: str) -> None:
+    """Mirror `src` into `dst` file by file as independent copies (symlinks in `src` are followed).
+
+    A file already at a destination path is removed first, so that a hard link or symlink left
+    there by an older export is replaced rather than written through.
+    """
     for root, _, files in os.walk(src):
         target = os.path.join(dst, os.path.relpath(root, src))
         os.makedirs(target, exist_ok=True)
@@ -38,14 +44,15 @@ def link_or_copy_tree(src: str, dst: str) -> None:
             source, dest = os.path.realpath(os.path.join(root, name)), os.path.join(target, name)
             if os.path.lexists(dest):
                 os.remove(dest)
-            try:
-                os.link(source, dest)
-            except OSError:
-                shutil.copy2(source, dest)
+            shutil.copy2(source, dest)
 
 
 def export_pipeline(base: str, output_dir: str, trained: dict, frozen: Sequence[str]) -> None:
-    """Write a complete pipeline folder: `trained` models (name -> ModelMixin) plus the base's `frozen` parts."""
+    """Write a complete pipeline folder: `trained` models (name -> ModelMixin) plus the base's `frozen` parts.
+
+    `base`: a local pipeline folder or hub id (only `frozen` folders and model_index.json are fetched).
+    Raises ValueError when the base's model_index.json lacks one of the components.
+    """
     base_dir = local_model_dir(base, frozen)
     os.makedirs(output_dir, exist_ok=True)
     with open(os.path.join(base_dir, MODEL_INDEX)) as handle:
@@ -56,7 +63,7 @@ def export_pipeline(base: str, output_dir: str, trained: dict, frozen: Sequence[
     for name in frozen:
         if index[name] == [None, None]:
             continue
-        link_or_copy_tree(os.path.join(base_dir, name), os.path.join(output_dir, name))
+        copy_tree(os.path.join(base_dir, name), os.path.join(output_dir, name))
     for name, model in trained.items():
         model.save_pretrained(os.path.join(output_dir, name))  # safetensors
     shutil.copyfile(os.path.join(base_dir, MODEL_INDEX), os.path.join(output_dir, MODEL_INDEX))
