@@ -26,6 +26,7 @@ from .checkpoints import find_checkpoint, load_train_state, register_checkpoint_
 from .config import TrainConfig
 from .cpu_heap import limit_cpu_heap_fragmentation
 from .loader import build_loader
+from .loss_log import LossLog, read_losses, run_dir
 from .export import draw_loss_curve
 from .objective import Objective
 from .source import CacheSource, resolve_source
@@ -129,10 +130,13 @@ def train(config: TrainConfig, objective: Objective) -> dict[str, Any]:
     if ema is not None:
         ema.to(accelerator.device)
 
-    global_step, losses, data_state = 0, [], None
+    global_step, data_state, carried = 0, None, []
     if resume_dir is not None:
         accelerator.print(f"Resuming from {resume_dir}")
-        global_step, losses, data_state = load_train_state(accelerator, resume_dir)
+        global_step, data_state = load_train_state(accelerator, resume_dir)
+        carried = read_losses(run_dir(resume_dir), global_step)
+    losses = [loss for _, loss in carried]
+    loss_log = LossLog(config.output_dir, resume_dir, carried) if accelerator.is_main_process else None
     loader = make_loader(config, objective, source, accelerator.process_index, world, data_state)
     if accelerator.is_main_process:
         accelerator.init_trackers(config.tracker_project_name, tracker_config(config))
@@ -156,6 +160,8 @@ def train(config: TrainConfig, objective: Objective) -> dict[str, Any]:
             ema.step(model.parameters())
         global_step += 1
         losses.append(step_loss)
+        if loss_log is not None:
+            loss_log.append(global_step, step_loss)
         lr = lr_scheduler.get_last_lr()[0]
         accelerator.log({"train_loss": step_loss, "lr": lr, "epoch": global_step / steps_per_epoch}, step=global_step)
         progress.update(1)
@@ -163,7 +169,7 @@ def train(config: TrainConfig, objective: Objective) -> dict[str, Any]:
         step_loss = 0.0
 
         if global_step % config.checkpointing_steps == 0:
-            save_checkpoint(accelerator, config, global_step, losses, loader)
+            save_checkpoint(accelerator, config, global_step, loader)
         if config.validation_steps and global_step % config.validation_steps == 0 and global_step < max_steps:
             history.append((global_step, validate(accelerator, objective, model, ema, global_step)))
     progress.close()
