@@ -186,7 +186,8 @@ def train(config: TrainConfig, objective: Objective) -> dict[str, Any]:
         summary["validation"] = validate(accelerator, objective, model, None, global_step)
         history.append((global_step, summary["validation"]))
     if accelerator.is_main_process:
-        draw_loss_curve(losses, os.path.join(config.output_dir, "loss_curve.png"), f"{objective.name} training loss")
+        draw_loss_curve(losses, os.path.join(config.output_dir, "loss_curve.png"), f"{objective.name} training loss",
+                        last_step=global_step)
         config.save(config.output_dir)
         objective.export(accelerator.unwrap_model(model), config.output_dir, summary)
         accelerator.print(f"Saved the {objective.name} pipeline to {config.output_dir}")
