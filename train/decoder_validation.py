@@ -77,6 +77,7 @@ class DecoderValidation:
         self.scheduler = None
 
     def run(self, unet, step: int, accelerator) -> dict[str, float]:
+        """`val/loss` of `unet` on the held-out samples, and the grid of step `step` when images are asked."""
         if self.latents is None:
             return {}
         was_training = unet.training

@@ -188,6 +188,7 @@ class ResumableLoader:
         self._iter = None
 
     def state_dict(self) -> dict[str, Any]:
+        """Each slot's position, the batches consumed and the layout they hold for (saved per rank)."""
         return {"positions": dict(self.state["positions"]), "batches": self.state["batches"],
                 **data_layout(self.stream.seed, self.stream.world_size, self.stream.num_workers,
                               self.stream.batch_size, self.stream.shuffle_buffer, self.stream.bucketing)}

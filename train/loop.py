@@ -231,6 +231,10 @@ def validate(accelerator: Accelerator, objective: Objective, model, ema, step: i
 
 
 def make_optimizer(config: TrainConfig, params: list, learning_rate: float) -> torch.optim.Optimizer:
+    """AdamW (bitsandbytes' 8-bit one with --use_8bit_adam) with the config's betas, decay and epsilon.
+
+    Raises ImportError with the install command when --use_8bit_adam is asked without bitsandbytes.
+    """
     if config.use_8bit_adam:
         try:
             import bitsandbytes as bnb

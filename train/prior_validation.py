@@ -138,6 +138,7 @@ class PriorValidation:
                                    generator=generator).float().cpu()
 
     def run(self, prior: PriorTransformer, step: int, accelerator) -> dict[str, float]:
+        """The three held-out cosines of `prior` (see the module docstring); prompts are sampled and saved."""
         was_training = prior.training
         prior.eval()
         metrics: dict[str, float] = {}
