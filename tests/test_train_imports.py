@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = "train"
 
@@ -72,6 +74,7 @@ def test_no_module_of_train_imports_one_that_imports_it_back():
     assert cycle is None, " -> ".join(cycle)
 
 
+@pytest.mark.slow  # a subprocess
 def test_the_trainer_does_not_import_datasets():
     """`datasets` (hundreds of ms, and only precompute's inputs need it) stays out of `python -m train`."""
     code = ("import sys, train.loop, train.__main__; "

@@ -119,6 +119,7 @@ def test_cpu_heap_tuning_is_opt_in_and_recorded(train_prior, tiny_cache, tmp_pat
     assert calls == [128] and tuned["cpu_mmap_threshold_kb"] == 128
 
 
+@pytest.mark.slow  # a subprocess
 def test_mmap_threshold_is_applied_in_its_own_process():
     import os
     import platform
