@@ -47,7 +47,7 @@ class LeanTrainer:
     def __init__(self, command: str, argv: list[str], accelerator: Accelerator, share=None, tune_heap: bool = False):
         from train.__main__ import load_objective_class
         from train.config import parse_config
-        from train.data import resolve_source
+        from train.source import resolve_source
         from train.loop import limit_cpu_heap_fragmentation, make_loader, make_optimizer
 
         objective_class = load_objective_class(command)
@@ -65,8 +65,8 @@ class LeanTrainer:
         self.module = accelerator.prepare_model(self.objective.train_module(self.trainee))  # once per module
         # The loop's heap setting is process-wide: applied only in the memory section's own processes, so
         # that it cannot leak into the decoder timings of this process (it does not change prior speed).
-        if tune_heap and accelerator.device.type == "cpu" and getattr(self.objective, "varying_shapes", False):
-            limit_cpu_heap_fragmentation()  # as train/loop.py does
+        if tune_heap and accelerator.device.type == "cpu" and getattr(config, "trim_padding", False):
+            limit_cpu_heap_fragmentation()  # as train --cpu_mmap_threshold_kb 128 does
         self.loader = make_loader(config, self.objective, source, rank=0, world=1)  # the loop's own call
         self.text_tokens: list[int] = []  # padded text length of each prior batch (77, or the longest caption)
 

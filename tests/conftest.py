@@ -153,7 +153,8 @@ def train_prior(tiny_models):
     """
     from accelerate.state import AcceleratorState, GradientState
 
-    from train.config import PriorTrainConfig, parse_config
+    from train.config import parse_config
+    from train.prior_config import PriorTrainConfig
     from train.loop import train
     from train.prior import PriorObjective
 

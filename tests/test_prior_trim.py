@@ -15,7 +15,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from diffusers import DDPMScheduler, PriorTransformer  # noqa: E402
 
-from train.data import length_bucketed  # noqa: E402
+from train.order import length_bucketed  # noqa: E402
 from train.prior_trim import TrimmedPrior, pad_to_longest, trimmed_prior_forward  # noqa: E402
 
 TEXT_POSITIONS = 77  # the tokenizer's model_max_length = the prior's num_embeddings

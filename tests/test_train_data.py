@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import itertools
 import json
+import logging
 import pickle
 import shutil
 from pathlib import Path
@@ -15,8 +16,10 @@ import webdataset as wds
 
 from precompute import format as fmt
 from precompute import reader
-from train import data as data_module
-from train.data import ShardStream, buffer_order, build_loader, resolve_source
+from train import loader as loader_module
+from train.loader import ShardStream, build_loader
+from train.order import buffer_order, epoch_shards
+from train.source import resolve_source
 from train.prior import TRAIN_MEMBERS, PriorCollate, PriorSampleTransform
 
 
@@ -71,10 +74,11 @@ def test_resume_does_not_open_shards_already_consumed(tiny_cache, monkeypatch):
     source = resolve_source([str(tiny_cache)])
     reference = take(stream(source, shuffle_buffer=1), 13)  # no sample shuffle: shards are read in order
     opened = []
-    read_raw = data_module._read_raw
-    monkeypatch.setattr(data_module, "_read_raw", lambda shard, *a: (opened.append(shard.url), read_raw(shard, *a))[1])
+    read_raw = loader_module._read_raw
+    monkeypatch.setattr(loader_module, "_read_raw",
+                        lambda shard, *a: (opened.append(shard.url), read_raw(shard, *a))[1])
     take(stream(source, shuffle_buffer=1, state={"positions": {"0": reference[-1]["__position__"]}, "batches": 13}), 1)
-    epoch_order = data_module.epoch_shards(source.train, 0, 0, 0, 1)
+    epoch_order = epoch_shards(source.train, 0, 0, 0, 1)
     assert opened[0] == epoch_order[-1].url  # 52 of 56 samples consumed: only the last shard is read
 
 
@@ -142,7 +146,8 @@ def test_shard_members_are_never_unpickled(tiny_cache, tmp_path, monkeypatch):
                           **{k: v for k, v in raw.items() if not k.startswith("__")}})
     source = resolve_source([str(cache)])
     loader = build_loader(source, seed=0, rank=0, world_size=1, num_workers=0, batch_size=4, shuffle_buffer=4,
-                          members=TRAIN_MEMBERS, transform=PriorSampleTransform(), collate=PriorCollate())
+                          members=TRAIN_MEMBERS, transform=PriorSampleTransform(),
+                          collate=PriorCollate(manifest["shapes"]["max_length"]))
     batch = next(loader)
     assert set(batch) == {"image_embeds", "text_embeds", "text_hidden", "text_mask"} and not calls
     assert "evil.pyd" not in reader.decode_sample({"evil.pyd": b"\x80\x04K\x01."})
@@ -162,3 +167,16 @@ def test_length_bucketed_stream_groups_lengths_and_resumes_exactly(tiny_cache, c
     resumed = take(stream(source, bucketing=bucketing, state={"positions": {"0": position}, "batches": consumed}), 6)
     assert [b["keys"] for b in resumed] == [b["keys"] for b in reference[consumed:]]
     assert [b["draws"] for b in resumed] == [b["draws"] for b in reference[consumed:]]
+
+
+def test_a_changed_layout_restarts_the_reached_epoch_with_a_warning(tiny_cache, caplog):
+    source = resolve_source([str(tiny_cache)])  # 56 training samples
+    kwargs = dict(seed=0, rank=0, world_size=1, num_workers=0, shuffle_buffer=10, members=(fmt.IMAGE_EMBEDS,),
+                  transform=keys_transform, collate=keys_collate)
+    first = build_loader(source, batch_size=4, **kwargs)
+    take(first, 20)  # 80 samples: into epoch 1
+    with caplog.at_level(logging.WARNING, logger="train"):
+        resumed = build_loader(source, batch_size=8, **kwargs, state=first.state_dict())
+    assert "data layout changed" in caplog.text and "'batch_size': (4, 8)" in caplog.text
+    epoch_1 = take(build_loader(source, batch_size=8, **kwargs), 7 + 2)[7:]  # epoch 0 is 7 batches of 8
+    assert [b["keys"] for b in take(resumed, 2)] == [b["keys"] for b in epoch_1]

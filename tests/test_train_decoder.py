@@ -17,9 +17,9 @@ from PIL import Image
 from precompute import format as fmt
 from precompute import reader
 from train.config import parse_config
-from train.data import resolve_source
 from train.decoder import DecoderCollate, DecoderObjective, DecoderSampleTransform, training_loss
 from train.decoder_config import DecoderTrainConfig
+from train.source import resolve_source
 
 RESOLUTION = 64  # the tiny cache's
 RTOL = 1e-5  # fp32 cache: the bound on the relative error of the loss

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from train.loss_log import read_losses
+
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 10  # the tiny cache's 4 shards hold 16, 16, 16 and 8 samples: one rank runs out of its epoch first
 
@@ -42,5 +44,7 @@ def test_two_processes_train_the_same_steps_and_resume_exactly(tiny_models, tiny
     resumed.mkdir()
     shutil.copytree(full / "checkpoint-5", resumed / "checkpoint-5")
     torchrun(tiny_models, tiny_cache, resumed, "--resume_from_checkpoint", "latest")
-    losses = [json.loads((d / "checkpoint-10" / "train_state.json").read_text())["losses"] for d in (full, resumed)]
-    assert len(losses[0]) == STEPS and losses[1] == losses[0]
+    # the resumed directory has no loss log of steps 1-5 (only the checkpoint was copied): it logs 6-10
+    full_losses, resumed_losses = (dict(read_losses(d, STEPS)) for d in (full, resumed))
+    assert sorted(full_losses) == list(range(1, STEPS + 1)) and sorted(resumed_losses) == list(range(6, STEPS + 1))
+    assert resumed_losses == {step: full_losses[step] for step in resumed_losses}

@@ -13,7 +13,8 @@ from PIL import Image, ImageOps
 
 from precompute import format as fmt
 from train.prior import PriorCollate, PriorSampleTransform, make_noise_scheduler, training_loss
-from train.snr import diffusion_mse, min_snr_weights
+from train.diffusion import diffusion_mse, min_snr_weights
+from train.prior_trim import TrimmedPrior
 
 RTOL = 1e-5  # fp32 cache: the issue's bound on the relative error of the loss
 TIMESTEPS = [0, 10, 250, 500, 750, 999]  # one batch spread over the schedule
@@ -30,12 +31,13 @@ def test_cached_loss_equals_reference_step(tiny_models, tiny_cache, snr_gamma):
     items = [{"image_embeds": s[fmt.IMAGE_EMBEDS], "text_embeds": s[fmt.TEXT_EMBEDS][c],
               "text_hidden": fmt.split_hidden(s[fmt.TEXT_HIDDEN], s[fmt.TEXT_LENGTHS])[c]}
              for s, c in zip(samples, choices)]
-    batch = PriorCollate()(items)
     prior = PriorTransformer.from_pretrained(str(tiny_models[0]), subfolder="prior")
+    batch = PriorCollate(prior.config.num_embeddings)(items)
     noise = torch.randn(len(samples), prior.config.embedding_dim, generator=torch.Generator().manual_seed(0))
     timesteps = torch.tensor(TIMESTEPS)
 
-    ours = training_loss(prior, batch, make_noise_scheduler(), noise=noise, timesteps=timesteps, snr_gamma=snr_gamma,
+    plain = TrimmedPrior(prior, trim_padding=False)  # diffusers' own 77-token forward, as the reference runs it
+    ours = training_loss(plain, batch, make_noise_scheduler(), noise=noise, timesteps=timesteps, snr_gamma=snr_gamma,
                          clip_mean=prior.clip_mean.detach().clone(), clip_std=prior.clip_std.detach().clone())
     ours.backward()
     our_grads = [p.grad.clone() for p in prior.parameters() if p.grad is not None]
@@ -68,22 +70,25 @@ def test_padding_back_with_zeros_is_exact():
         prior.positional_embedding.normal_()
         prior.prd_embedding.normal_()
     lengths = [2, 9, 30, 77]
-    batch = PriorCollate()([{"image_embeds": np.random.randn(32).astype(np.float32),
-                             "text_embeds": np.random.randn(32).astype(np.float32),
-                             "text_hidden": np.random.randn(n, 32).astype(np.float32)} for n in lengths])
-    assert batch["text_hidden"].shape == (4, 77, 32)
+    text_positions = prior.config.num_embeddings  # 77
+    batch = PriorCollate(text_positions)([{"image_embeds": np.random.randn(32).astype(np.float32),
+                                           "text_embeds": np.random.randn(32).astype(np.float32),
+                                           "text_hidden": np.random.randn(n, 32).astype(np.float32)} for n in lengths])
+    assert batch["text_hidden"].shape == (4, text_positions, 32)
     assert batch["text_mask"].sum(1).tolist() == lengths
     junk = dict(batch, text_hidden=torch.where(batch["text_mask"][..., None], batch["text_hidden"],
                                                5 * torch.randn(batch["text_hidden"].shape)))
     kwargs = dict(noise=torch.randn(4, 32), timesteps=torch.tensor([1, 200, 600, 999]),
                   clip_mean=torch.zeros(1, 32), clip_std=torch.ones(1, 32))
     scheduler = make_noise_scheduler()
-    zero_loss = training_loss(prior, batch, scheduler, **kwargs)
-    junk_loss = training_loss(prior, junk, scheduler, **kwargs)
+    plain = TrimmedPrior(prior, trim_padding=False)
+    zero_loss = training_loss(plain, batch, scheduler, **kwargs)
+    junk_loss = training_loss(plain, junk, scheduler, **kwargs)
     assert abs(zero_loss.item() - junk_loss.item()) <= 1e-6 * abs(junk_loss.item())
-    longest = PriorCollate(pad_to_longest=True)([{"image_embeds": np.zeros(32, np.float32),
-                                                  "text_embeds": np.zeros(32, np.float32),
-                                                  "text_hidden": np.ones((n, 32), np.float32)} for n in (3, 5)])
+    longest = PriorCollate(text_positions, pad_to_longest=True)([{"image_embeds": np.zeros(32, np.float32),
+                                                                  "text_embeds": np.zeros(32, np.float32),
+                                                                  "text_hidden": np.ones((n, 32), np.float32)}
+                                                                 for n in (3, 5)])
     assert longest["text_hidden"].shape == (2, 5, 32) and longest["text_mask"].sum(1).tolist() == [3, 5]
 
 

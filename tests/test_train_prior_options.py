@@ -7,6 +7,7 @@ import math
 import pytest
 
 from train.prior import PriorObjective
+from train.prior_config import PriorTrainConfig
 
 STEPS = ("--max_train_steps", "4")
 
@@ -83,7 +84,6 @@ def test_epochs_from_the_manifest_scaled_lr_and_tf32(train_prior, tiny_cache, tm
 
 def test_resume_from_checkpoint_names(tmp_path):
     from train.checkpoints import TRAIN_STATE, find_checkpoint
-    from train.config import PriorTrainConfig
 
     for step, complete in ((3, True), (6, True), (9, False)):  # checkpoint-9 was cut off while saving
         (tmp_path / f"checkpoint-{step}").mkdir()
@@ -106,3 +106,33 @@ def test_length_bucketing_narrows_trimmed_batches(train_prior, tiny_cache, tmp_p
     _, _, random_widths = probe_run(train_prior, tiny_cache, tmp_path / "random", "--length_bucket_batches", "0")
     _, _, bucketed_widths = probe_run(train_prior, tiny_cache, tmp_path / "bucketed")  # the default: 8 batches
     assert sum(bucketed_widths) < sum(random_widths)
+
+
+def test_cpu_heap_tuning_is_opt_in_and_recorded(train_prior, tiny_cache, tmp_path, monkeypatch):
+    import train.loop
+
+    calls = []  # the real setting is process-wide and permanent: never applied in the test process
+    monkeypatch.setattr(train.loop, "limit_cpu_heap_fragmentation", lambda kb: calls.append(kb) or True)
+    default = train_prior(tmp_path / "default", tiny_cache, "--max_train_steps", "1")  # trimmed batches, on CPU
+    assert calls == [] and default["cpu_mmap_threshold_kb"] is None  # glibc left alone unless asked
+    tuned = train_prior(tmp_path / "tuned", tiny_cache, "--max_train_steps", "1", "--cpu_mmap_threshold_kb", "128")
+    assert calls == [128] and tuned["cpu_mmap_threshold_kb"] == 128
+
+
+@pytest.mark.slow  # a subprocess
+def test_mmap_threshold_is_applied_in_its_own_process():
+    import os
+    import platform
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        pytest.skip("mallopt(M_MMAP_THRESHOLD) is glibc's")
+    root = Path(__file__).resolve().parents[1]
+    code = "from train.cpu_heap import limit_cpu_heap_fragmentation as f; print(f(128), f(64 * 1024))"
+    result = subprocess.run([sys.executable, "-c", code], cwd=root, env=dict(os.environ, PYTHONPATH=str(root)),
+                            capture_output=True, text=True, timeout=120, check=False)
+    assert result.stdout.split() == ["True", "False"], result.stderr[-2000:]  # 64 MiB > glibc's documented maximum
+    with pytest.raises(ValueError, match="cpu_mmap_threshold_kb"):
+        PriorTrainConfig(shards=["x"], cpu_mmap_threshold_kb=64 * 1024)

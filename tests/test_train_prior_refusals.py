@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 
 from precompute import format as fmt
-from train.config import PriorTrainConfig, TrainConfig, parse_config
+from train.config import TrainConfig, parse_config
 from train.loop import Refused
+from train.prior_config import PriorTrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICK = ("--max_train_steps", "2")

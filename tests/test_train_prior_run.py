@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from train.loss_log import read_losses
 from train.prior import PriorObjective
 
 STEPS = 9
@@ -55,6 +56,7 @@ def test_resumed_run_has_identical_losses_and_weights(train_prior, tiny_cache, t
 
     assert len(reference["losses"]) == STEPS
     assert resumed["losses"] == reference["losses"]  # bit-identical, not merely close
+    assert [loss for _, loss in read_losses(tmp_path / "run", STEPS)] == reference["losses"]  # the log on disk too
     ours = load_file(str(tmp_path / "run" / "prior" / WEIGHTS))
     theirs = load_file(str(reference_dir / "prior" / WEIGHTS))
     assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
@@ -71,7 +73,7 @@ def test_checkpoints_rotate_and_hold_safetensors_and_the_config(full_run):
         assert not [f for f in files if f.startswith(("pytorch_model", "model"))]  # weights only as safetensors
         saved = json.loads((out / name / "train_config.json").read_text())
         assert saved["command"] == "prior" and saved["text_dropout"] == 0.3 and saved["max_train_steps"] == STEPS
-    assert json.loads((out / "checkpoint-9" / "train_state.json").read_text())["global_step"] == STEPS
+    assert json.loads((out / "checkpoint-9" / "train_state.json").read_text()) == {"global_step": STEPS}  # no history
     assert any(f.startswith("events.out.tfevents") for _, _, fs in os.walk(out / "logs") for f in fs)
     prompts = np.load(out / "validation" / "prompt_image_embeds-000004.npy")  # the manifest's 2 prompts
     assert prompts.shape == (2, 32) and np.isfinite(prompts).all()
@@ -104,9 +106,11 @@ def test_exported_folder_is_a_prior_pipeline_that_generates(full_run, tiny_model
                 width=64, output_type="np", generator=torch.Generator().manual_seed(0)).images
     assert image.shape == (1, 64, 64, 3)
 
-    for name in ("text_encoder", "image_encoder"):  # frozen files linked or copied, not re-saved
+    for name in ("text_encoder", "image_encoder"):  # frozen files copied, not re-saved and not linked
         (weights,) = [f for f in os.listdir(prior_dir / name) if f.endswith(".safetensors")]
         assert (out / name / weights).read_bytes() == (prior_dir / name / weights).read_bytes()
+        assert not (out / name / weights).is_symlink()
+        assert not os.path.samefile(out / name / weights, prior_dir / name / weights)  # another inode
     card = (out / "README.md").read_text()
     assert f"base_model: {prior_dir}" in card and f"Steps: {STEPS}" in card
     with Image.open(out / "loss_curve.png") as curve:

@@ -2,34 +2,35 @@
 
 from __future__ import annotations
 
-import importlib
 import logging
 import os
 import sys
 
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # before transformers is imported
 
-# command -> "module:Objective"; each objective class names its config class (`config_class`).
-COMMANDS = {"prior": "train.prior:PriorObjective", "decoder": "train.decoder:DecoderObjective"}
+from .config import parse_config  # noqa: E402
+from .decoder import DecoderObjective  # noqa: E402
+from .loop import Refused, train  # noqa: E402
+from .prior import PriorObjective  # noqa: E402
+
+# command -> objective class; each objective class names its config class (`config_class`).
+OBJECTIVES = {"prior": PriorObjective, "decoder": DecoderObjective}
 USAGE = "usage: python -m train {prior,decoder} [--help | flags]"
 
 
-def load_objective_class(command: str):
-    module_name, class_name = COMMANDS[command].split(":")
-    return getattr(importlib.import_module(module_name), class_name)
+def load_objective_class(command: str) -> type:
+    """The objective class of `command` ("prior" or "decoder"); KeyError for another command."""
+    return OBJECTIVES[command]
 
 
 def main(argv: list[str] | None = None) -> int:
     """Parse the command and its flags, train, and return the exit code (2 = refused before step 1)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] not in COMMANDS:
+    if not argv or argv[0] not in OBJECTIVES:
         print(USAGE, file=sys.stderr)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     command, flags = argv[0], argv[1:]
     objective_class = load_objective_class(command)
-    from .config import parse_config
-    from .loop import Refused, train
-
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     try:
         config = parse_config(objective_class.config_class, flags, prog=f"python -m train {command}")

@@ -2,7 +2,9 @@
 
 accelerate saves the optimizer, scheduler and RNG states; the hooks below save the trained model the
 way the reference scripts do (a diffusers folder per model). Each rank adds its data position, and
-the main process writes `train_state.json` last: a checkpoint without it is incomplete and ignored.
+the main process writes `train_state.json` (the step) last: a checkpoint without it is incomplete
+and ignored. The loss history is not copied into checkpoints: it is appended to the run's
+`losses.jsonl` (train/loss_log.py) and read back up to the checkpoint's step on resume.
 """
 
 from __future__ import annotations
@@ -52,7 +54,7 @@ def register_checkpoint_hooks(accelerator: Accelerator, objective, model, ema) -
     accelerator.register_load_state_pre_hook(load_hook)
 
 
-def save_checkpoint(accelerator: Accelerator, config: TrainConfig, global_step: int, losses: list, loader) -> str:
+def save_checkpoint(accelerator: Accelerator, config: TrainConfig, global_step: int, loader) -> str:
     """`output_dir/checkpoint-N`: accelerate state, each rank's data position, then the completion marker."""
     path = os.path.join(config.output_dir, f"checkpoint-{global_step}")
     if accelerator.is_main_process and config.checkpoints_total_limit is not None:
@@ -68,7 +70,7 @@ def save_checkpoint(accelerator: Accelerator, config: TrainConfig, global_step: 
     if accelerator.is_main_process:
         config.save(path)
         with open(os.path.join(path, TRAIN_STATE), "w") as handle:
-            json.dump({"global_step": global_step, "losses": losses}, handle)
+            json.dump({"global_step": global_step}, handle)
         logger.info("saved state to %s", path)
     return path
 
@@ -115,11 +117,11 @@ def resolve_seed(config: TrainConfig, resume_dir: str | None) -> int:
     return seed[0]
 
 
-def load_train_state(accelerator: Accelerator, resume_dir: str) -> tuple[int, list[float], dict]:
-    """Restore accelerate's state; return (global_step, loss history, this rank's data position)."""
+def load_train_state(accelerator: Accelerator, resume_dir: str) -> tuple[int, dict]:
+    """Restore accelerate's state; return (global_step, this rank's data position)."""
     accelerator.load_state(resume_dir)
     with open(os.path.join(resume_dir, TRAIN_STATE)) as handle:
         saved = json.load(handle)
     with open(os.path.join(resume_dir, f"data_state_{accelerator.process_index}.json")) as handle:
         data_state = json.load(handle)
-    return saved["global_step"], saved["losses"], data_state
+    return saved["global_step"], data_state

@@ -20,10 +20,13 @@ from diffusers.utils.import_utils import is_xformers_available
 from precompute import format as fmt
 from precompute import reader
 
-from .data import CacheSource, load_validation
 from .decoder_config import DecoderTrainConfig
+from .decoder_validation import DecoderValidation
+from .diffusion import diffusion_mse, draw_noise_and_timesteps, prediction_target
 from .export import export_pipeline, write_model_card
-from .snr import diffusion_mse
+from .loader import load_validation
+from .objective import ObjectiveBase, refuse_unfit_cache
+from .source import CacheSource
 
 logger = logging.getLogger(__name__)
 
@@ -36,26 +39,9 @@ TRAIN_MEMBERS = (fmt.IMAGE_EMBEDS, fmt.LATENTS)
 LATENT_CHANNELS = 4
 
 
-class ManifestMismatch(ValueError):
-    """The cache was not made for this decoder (or at another resolution)."""
-
-
 def make_noise_scheduler(decoder: str) -> DDPMScheduler:
     """The reference decoder's training scheduler: the decoder folder's own DDPMScheduler config."""
     return DDPMScheduler.from_pretrained(decoder, subfolder="scheduler")
-
-
-def prediction_target(noise_scheduler: DDPMScheduler, latents: torch.Tensor, noise: torch.Tensor,
-                      timesteps: torch.Tensor) -> torch.Tensor:
-    """What the UNet predicts under the scheduler's prediction type (the reference assumes epsilon)."""
-    prediction_type = noise_scheduler.config.prediction_type
-    if prediction_type == "epsilon":
-        return noise
-    if prediction_type == "v_prediction":
-        return noise_scheduler.get_velocity(latents, noise, timesteps)
-    if prediction_type == "sample":
-        return latents
-    raise ValueError(f"unknown prediction_type {prediction_type!r}")
 
 
 def training_loss(
@@ -71,6 +57,8 @@ def training_loss(
 
     `batch`: `latents` [B, 4, h, w] (`movq.encode(x).latents`, unquantised) and `image_embeds` [B, E]
     (raw CLIP). `noise` [B, 4, h, w] and `timesteps` [B] are given so that tests can replay a step.
+    The target follows the scheduler's prediction type (the reference assumes epsilon, the decoder's).
+    Returns the scalar loss.
     """
     latents = batch["latents"].float()  # [B, 4, h, w]
     image_embeds = batch["image_embeds"].float()  # [B, E]
@@ -117,35 +105,36 @@ def movq_scale_factor(decoder: str) -> int:
 
 
 def check_manifest(manifest: dict, unet: UNet2DConditionModel, resolution: int, scale_factor: int) -> None:
-    """Refuse, with one message listing every problem, a cache that cannot train this decoder."""
-    fmt.check_manifest(manifest)
-    problems = []
-    missing = fmt.missing_members(manifest, fmt.DECODER_MEMBERS)
-    if missing:
-        problems.append(f"the shards lack the decoder members {missing} (encode={manifest.get('encode')!r}; "
-                        "re-run precompute with --encode decoder or all)")
-    shapes, config = manifest.get("shapes", {}), unet.config
-    if shapes.get("resolution") != resolution:
-        problems.append(f"the cache was encoded at resolution {shapes.get('resolution')} but --resolution {resolution} "
-                        f"was asked (pass --resolution {shapes.get('resolution')}, or re-run precompute with "
-                        f"--resolution {resolution})")
-    side = resolution // scale_factor
-    expected = [LATENT_CHANNELS, side, side]
-    if not missing and shapes.get("resolution") == resolution and list(shapes.get("latents") or []) != expected:
-        problems.append(f"cached latents have shape {shapes.get('latents')}, expected {expected} for resolution "
-                        f"{resolution} and this MoVQ (factor {scale_factor})")
-    if config.in_channels != LATENT_CHANNELS or config.out_channels < LATENT_CHANNELS:
-        problems.append(f"the UNet has in/out channels {config.in_channels}/{config.out_channels}, expected "
-                        f"{LATENT_CHANNELS}/>={LATENT_CHANNELS}")
-    if config.addition_embed_type != "image":
-        problems.append(f"the UNet is not conditioned on image embeddings (addition_embed_type="
-                        f"{config.addition_embed_type!r}): not a Kandinsky 2.2 decoder")
-    elif shapes.get("embedding_dim") != config.encoder_hid_dim:
-        problems.append(f"embedding_dim {shapes.get('embedding_dim')} != UNet encoder_hid_dim {config.encoder_hid_dim}")
-    if reader.split_count(manifest, fmt.TRAIN_SPLIT) == 0:
-        problems.append("the cache has no training samples")
-    if problems:
-        raise ManifestMismatch("the cache does not fit this decoder: " + "; ".join(problems))
+    """Refuse, with one message listing every problem, a cache that cannot train this decoder.
+
+    Raises `ManifestMismatch` (train/objective.py) or `FormatError`, both ValueErrors.
+    """
+    config = unet.config
+
+    def problems(shapes: dict, members_present: bool) -> list[str]:
+        found = []
+        if shapes.get("resolution") != resolution:
+            found.append(f"the cache was encoded at resolution {shapes.get('resolution')} but --resolution "
+                         f"{resolution} was asked (pass --resolution {shapes.get('resolution')}, or re-run "
+                         f"precompute with --resolution {resolution})")
+        side = resolution // scale_factor
+        expected = [LATENT_CHANNELS, side, side]
+        latents = list(shapes.get("latents") or [])
+        if members_present and shapes.get("resolution") == resolution and latents != expected:
+            found.append(f"cached latents have shape {shapes.get('latents')}, expected {expected} for resolution "
+                         f"{resolution} and this MoVQ (factor {scale_factor})")
+        if config.in_channels != LATENT_CHANNELS or config.out_channels < LATENT_CHANNELS:
+            found.append(f"the UNet has in/out channels {config.in_channels}/{config.out_channels}, expected "
+                         f"{LATENT_CHANNELS}/>={LATENT_CHANNELS}")
+        if config.addition_embed_type != "image":
+            found.append(f"the UNet is not conditioned on image embeddings (addition_embed_type="
+                         f"{config.addition_embed_type!r}): not a Kandinsky 2.2 decoder")
+        elif shapes.get("embedding_dim") != config.encoder_hid_dim:
+            found.append(f"embedding_dim {shapes.get('embedding_dim')} != UNet encoder_hid_dim "
+                         f"{config.encoder_hid_dim}")
+        return found
+
+    refuse_unfit_cache(manifest, "decoder", fmt.DECODER_MEMBERS, problems)
 
 
 def enable_xformers(unet: UNet2DConditionModel) -> None:
@@ -159,8 +148,8 @@ def enable_xformers(unet: UNet2DConditionModel) -> None:
     unet.enable_xformers_memory_efficient_attention()
 
 
-class DecoderObjective:
-    """What the shared loop needs for `python -m train decoder` (see train/loop.py `Objective`)."""
+class DecoderObjective(ObjectiveBase):
+    """What the shared loop needs for `python -m train decoder` (see `Objective` in train/objective.py)."""
 
     name = "decoder"
     config_class = DecoderTrainConfig
@@ -197,10 +186,9 @@ class DecoderObjective:
         self.zero_image_embeds = reader.zero_image_embeds(source.manifest)  # [E]
         limit = max(self.config.validation_samples, self.config.validation_images)
         if self.config.validation_steps and limit:
-            from .decoder_validation import DecoderValidation
-
             held_out = load_validation(source, TRAIN_MEMBERS, limit)
-            self.validation = DecoderValidation(self.config, self.noise_scheduler, held_out, self.zero_image_embeds)
+            self.validation = DecoderValidation(self.config, self.noise_scheduler, held_out, self.zero_image_embeds,
+                                                loss=training_loss)
 
     def train_module(self, model: UNet2DConditionModel) -> torch.nn.Module:
         return model
@@ -211,19 +199,16 @@ class DecoderObjective:
     def collate(self) -> DecoderCollate:
         return DecoderCollate()
 
+    def bucketing(self) -> None:
+        """Plain random batches: every decoder sample has the same shape."""
+        return None
+
     def loss(self, module: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Draw noise then timesteps (as the reference; global torch RNG, restored on resume) and return the loss."""
-        latents = batch["latents"]  # [B, 4, h, w]
-        noise = torch.randn(latents.shape, device=latents.device)  # [B, 4, h, w]
-        timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
-                                  device=latents.device).long()  # [B]
+        num_train_timesteps = self.noise_scheduler.config.num_train_timesteps
+        noise, timesteps = draw_noise_and_timesteps(batch["latents"], num_train_timesteps)  # [B, 4, h, w], [B]
         return training_loss(module, batch, self.noise_scheduler, noise=noise, timesteps=timesteps,
                              snr_gamma=self.config.snr_gamma)
-
-    def validate(self, model: UNet2DConditionModel, step: int, accelerator) -> dict[str, float]:
-        if self.validation is None:
-            return {}
-        return self.validation.run(model, step, accelerator)
 
     def export(self, model: UNet2DConditionModel, output_dir: str, summary: dict) -> None:
         """A complete KandinskyV22Pipeline folder: trained unet + the base's movq and scheduler files.

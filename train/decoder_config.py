@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .config import DEFAULT_PRIOR, TrainConfig
+from .config import TrainConfig
+from .prior_config import DEFAULT_PRIOR
 
 DEFAULT_DECODER = "kandinsky-community/kandinsky-2-2-decoder"
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -31,6 +32,9 @@ from precompute import format as fmt
 logger = logging.getLogger(__name__)
 
 GRID_TAG = "validation/decoder_grid"  # tracker key of the grid image
+# (unet, batch, noise_scheduler, *, noise, timesteps) -> scalar loss: train.decoder.training_loss, passed
+# in by the objective (importing it here would make the two modules import each other).
+DecoderLoss = Callable[..., torch.Tensor]
 
 
 def load_movq_decoder(decoder: str, device: torch.device) -> VQModel:
@@ -50,10 +54,11 @@ def decode_latents(movq: VQModel, latents: torch.Tensor) -> list[Image.Image]:
 
 
 class DecoderValidation:
-    """Held-out data prepared once; `run` scores it and renders the grid."""
+    """Held-out data prepared once; `run` scores it with `loss` and renders the grid."""
 
-    def __init__(self, config, noise_scheduler: DDPMScheduler, held_out: list[dict], zero_image_embeds: np.ndarray):
-        self.config, self.noise_scheduler = config, noise_scheduler
+    def __init__(self, config, noise_scheduler: DDPMScheduler, held_out: list[dict], zero_image_embeds: np.ndarray,
+                 *, loss: DecoderLoss):
+        self.config, self.noise_scheduler, self.loss = config, noise_scheduler, loss
         self.count = min(len(held_out), config.validation_samples)
         self.num_images = min(len(held_out), config.validation_images)
         if not held_out:
@@ -72,6 +77,7 @@ class DecoderValidation:
         self.scheduler = None
 
     def run(self, unet, step: int, accelerator) -> dict[str, float]:
+        """`val/loss` of `unet` on the held-out samples, and the grid of step `step` when images are asked."""
         if self.latents is None:
             return {}
         was_training = unet.training
@@ -87,15 +93,13 @@ class DecoderValidation:
 
     def held_out_loss(self, unet) -> float:
         """Mean per-sample MSE over the held-out samples, in training-batch-sized chunks."""
-        from .decoder import training_loss
-
         device, total = unet.device, 0.0
         chunk = self.config.train_batch_size
         for start in range(0, self.count, chunk):
             sl = slice(start, min(start + chunk, self.count))
             batch = {"latents": self.latents[sl].to(device), "image_embeds": self.image_embeds[sl].to(device)}
-            loss = training_loss(unet, batch, self.noise_scheduler, noise=self.noise[sl].to(device),
-                                 timesteps=self.timesteps[sl].to(device))
+            loss = self.loss(unet, batch, self.noise_scheduler, noise=self.noise[sl].to(device),
+                             timesteps=self.timesteps[sl].to(device))
             total += loss.item() * (sl.stop - sl.start)
         return total / self.count
 

@@ -1,7 +1,9 @@
-"""The end of a run: a loadable diffusers pipeline folder, a model card and a loss-curve PNG.
+"""The end of a run: a loadable diffusers pipeline folder, a model card and a loss-curve PNG (matplotlib).
 
-Frozen components are taken from the base pipeline folder as files (hard links where the file
-system allows, else copies): the encoders are never loaded into memory just to be saved again.
+Frozen components are copied from the base pipeline folder as files: the encoders are never loaded
+into memory just to be saved again. Copied, never hard-linked or symlinked: in a hub cache the
+snapshot files are symlinks to shared blobs, and a later in-place save into the exported folder
+(`save_pretrained` over it, an editor) would then overwrite the cache's file for every user of it.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import os
 import shutil
 from collections.abc import Sequence
 
-from PIL import Image, ImageDraw
+import numpy as np
 
 logger = logging.getLogger(__name__)
 
@@ -29,8 +31,12 @@ def local_model_dir(name_or_path: str, folders: Sequence[str]) -> str:
     return snapshot_download(name_or_path, allow_patterns=patterns)
 
 
-def link_or_copy_tree(src: str, dst: str) -> None:
-    """Mirror `src` into `dst` file by file: hard link when possible (same file system), else copy."""
+def copy_tree(src: str, dst: str) -> None:
+    """Mirror `src` into `dst` file by file as independent copies (symlinks in `src` are followed).
+
+    A file already at a destination path is removed first, so that a hard link or symlink left
+    there by an older export is replaced rather than written through.
+    """
     for root, _, files in os.walk(src):
         target = os.path.join(dst, os.path.relpath(root, src))
         os.makedirs(target, exist_ok=True)
@@ -38,14 +44,15 @@ def link_or_copy_tree(src: str, dst: str) -> None:
             source, dest = os.path.realpath(os.path.join(root, name)), os.path.join(target, name)
             if os.path.lexists(dest):
                 os.remove(dest)
-            try:
-                os.link(source, dest)
-            except OSError:
-                shutil.copy2(source, dest)
+            shutil.copy2(source, dest)
 
 
 def export_pipeline(base: str, output_dir: str, trained: dict, frozen: Sequence[str]) -> None:
-    """Write a complete pipeline folder: `trained` models (name -> ModelMixin) plus the base's `frozen` parts."""
+    """Write a complete pipeline folder: `trained` models (name -> ModelMixin) plus the base's `frozen` parts.
+
+    `base`: a local pipeline folder or hub id (only `frozen` folders and model_index.json are fetched).
+    Raises ValueError when the base's model_index.json lacks one of the components.
+    """
     base_dir = local_model_dir(base, frozen)
     os.makedirs(output_dir, exist_ok=True)
     with open(os.path.join(base_dir, MODEL_INDEX)) as handle:
@@ -56,7 +63,7 @@ def export_pipeline(base: str, output_dir: str, trained: dict, frozen: Sequence[
     for name in frozen:
         if index[name] == [None, None]:
             continue
-        link_or_copy_tree(os.path.join(base_dir, name), os.path.join(output_dir, name))
+        copy_tree(os.path.join(base_dir, name), os.path.join(output_dir, name))
     for name, model in trained.items():
         model.save_pretrained(os.path.join(output_dir, name))  # safetensors
     shutil.copyfile(os.path.join(base_dir, MODEL_INDEX), os.path.join(output_dir, MODEL_INDEX))
@@ -101,36 +108,40 @@ def write_model_card(output_dir: str, *, base_model: str, title: str, usage: str
     return path
 
 
-PLOT_SIZE = (640, 360)
-MARGIN = 48  # room for the axis labels
+FIGURE_INCHES, DPI = (6.4, 3.6), 100  # a 640 x 360 PNG
+SMOOTHING_FRACTION = 20  # the moving average spans 1/20 of the run: smooth, yet following the trend
 
 
-def draw_loss_curve(losses: Sequence[float], path: str, title: str = "training loss") -> str:
-    """Plot losses per optimisation step (and a moving average) as a PNG, with PIL only."""
-    width, height = PLOT_SIZE
-    image = Image.new("RGB", PLOT_SIZE, "white")
-    draw = ImageDraw.Draw(image)
-    left, top, right, bottom = MARGIN, MARGIN // 2, width - MARGIN // 2, height - MARGIN
-    draw.rectangle([left, top, right, bottom], outline="black")
-    draw.text((left, 4), title, fill="black")
-    values = [float(v) for v in losses]
-    if values:
-        low, high = min(values), max(values)
-        span = (high - low) or 1.0
-        n = max(len(values) - 1, 1)
+def draw_loss_curve(losses: Sequence[float], path: str, title: str = "training loss",
+                    last_step: int | None = None) -> str:
+    """Plot the loss per optimisation step and its moving average as a 640 x 360 PNG at `path`.
 
-        def point(i: int, v: float) -> tuple[float, float]:
-            return left + (right - left) * i / n, bottom - (bottom - top) * (v - low) / span
+    `losses` are the losses of the last `len(losses)` steps up to `last_step` (default: steps
+    1..len(losses); a run resumed from a checkpoint copied without its loss log has only the later
+    ones). Drawn on matplotlib's Agg canvas without pyplot, so no process-wide backend is set.
+    Returns `path`.
+    """
+    # Imported here: matplotlib costs ~0.5 s to import and is needed once, at the end of a run.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-        window = max(1, len(values) // 20)
-        smooth = [sum(values[max(0, i - window + 1): i + 1]) / len(values[max(0, i - window + 1): i + 1])
-                  for i in range(len(values))]
-        if len(values) > 1:
-            draw.line([point(i, v) for i, v in enumerate(values)], fill=(160, 190, 230), width=1)
-            draw.line([point(i, v) for i, v in enumerate(smooth)], fill=(20, 60, 160), width=2)
-        draw.text((4, top), f"{high:.3g}", fill="black")
-        draw.text((4, bottom - 10), f"{low:.3g}", fill="black")
-        draw.text((left, bottom + 8), "step 1", fill="black")
-        draw.text((right - 60, bottom + 8), f"step {len(values)}", fill="black")
-    image.save(path)
+    values = np.asarray(losses, dtype=np.float64)  # [N]
+    last = len(values) if last_step is None else last_step
+    steps = np.arange(last - len(values) + 1, last + 1)  # [N]
+    figure = Figure(figsize=FIGURE_INCHES, dpi=DPI)
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    if len(values):
+        window = max(1, len(values) // SMOOTHING_FRACTION)
+        sums = np.concatenate([[0.0], np.cumsum(values)])  # [N + 1]
+        index = np.arange(len(values))  # [N]
+        start = np.maximum(0, index - window + 1)  # [N] first step of each trailing window
+        smooth = (sums[index + 1] - sums[start]) / (index + 1 - start)  # [N]
+        axes.plot(steps, values, color="#a0bee6", linewidth=1, label="loss per step")
+        axes.plot(steps, smooth, color="#143ca0", linewidth=2, label=f"mean of the last {window} step(s)")
+        axes.legend(loc="upper right")
+    axes.set(title=title, xlabel="optimisation step", ylabel="loss")
+    axes.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path)
     return path

@@ -2,8 +2,8 @@
 
 It reads top to bottom like the diffusers example scripts, minus everything model-specific: it
 never sees noise, timesteps or targets. An *objective* (train/prior.py, train/decoder.py) provides
-those through the small interface below; the loop owns accelerate, data order, optimisation, EMA,
-checkpoints, trackers, validation timing and the end-of-run files.
+those through the small interface of train/objective.py; the loop owns accelerate, data order,
+optimisation, EMA, checkpoints, trackers, validation timing and the end-of-run files.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from accelerate import Accelerator
@@ -24,8 +24,12 @@ from precompute import reader
 
 from .checkpoints import find_checkpoint, load_train_state, register_checkpoint_hooks, resolve_seed, save_checkpoint
 from .config import TrainConfig
-from .data import CacheSource, Collate, SampleTransform, build_loader, resolve_source
+from .cpu_heap import limit_cpu_heap_fragmentation
+from .loader import build_loader
+from .loss_log import LossLog, read_losses, run_dir
 from .export import draw_loss_curve
+from .objective import Objective
+from .source import CacheSource, resolve_source
 from .trackers import resolve_trackers, tracker_config
 
 logger = logging.getLogger(__name__)
@@ -35,66 +39,40 @@ class Refused(Exception):
     """The job cannot start (bad cache, model mismatch, missing package): raised before step 1."""
 
 
-class Objective(Protocol):
-    """What an objective gives the loop. `model` is the diffusers model that is saved and exported."""
-
-    name: str  # the command, e.g. "prior"
-    config_class: type  # its TrainConfig subclass (what `python -m train <name>` parses)
-    model_class: type  # e.g. PriorTransformer (for EMA and checkpoint loading)
-    model_subfolder: str  # e.g. "prior": its folder in checkpoints and in the exported pipeline
-    members: tuple[str, ...]  # shard members the training batches need (others are not even read)
-
-    def load_model(self) -> torch.nn.Module: ...  # the trainee, fp32, in train mode
-
-    def check_manifest(self, manifest: dict, model: torch.nn.Module) -> None: ...  # raise ValueError on mismatch
-
-    def setup(self, model: torch.nn.Module, source: CacheSource, device: torch.device) -> None: ...
-
-    def train_module(self, model: torch.nn.Module) -> torch.nn.Module: ...  # what accelerate prepares
-
-    def sample_transform(self) -> SampleTransform: ...  # picklable, runs in DataLoader workers
-
-    def collate(self) -> Collate: ...  # picklable, runs in DataLoader workers
-
-    def loss(self, module: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor: ...
-
-    def validate(self, model: torch.nn.Module, step: int, accelerator: Accelerator) -> dict[str, float]: ...
-
-    def export(self, model: torch.nn.Module, output_dir: str, summary: dict) -> None: ...
-
-
 def make_loader(config: TrainConfig, objective: Objective, source: CacheSource, rank: int, world: int,
                 state: dict | None = None):
-    """The training batches of one process, as the loop reads them (also used by scripts/bench.py)."""
+    """The training batches of one process, as the loop reads them (also used by scripts/bench_steps.py)."""
     return build_loader(source, seed=config.seed, rank=rank, world_size=world,
                         num_workers=config.dataloader_num_workers, batch_size=config.train_batch_size,
                         shuffle_buffer=config.shuffle_buffer, members=objective.members,
                         transform=objective.sample_transform(), collate=objective.collate(), state=state,
-                        bucketing=getattr(objective, "bucketing", lambda: None)())
+                        bucketing=objective.bucketing())
 
 
-def limit_cpu_heap_fragmentation() -> bool:
-    """On glibc, serve allocations above 128 KiB with mmap so freed tensor memory goes back to the OS.
+def train_step(accelerator: Accelerator, module: torch.nn.Module, objective: Objective,
+               batch: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer, lr_scheduler: Any,
+               max_grad_norm: float) -> torch.Tensor:
+    """One micro-batch of training, exactly as `train` runs it; returns its loss, detached (a scalar).
 
-    Trimmed prior batches change shape every step; glibc's default dynamic mmap threshold then keeps
-    the freed blocks in a fragmented heap and resident memory climbs well above what is live
-    (measured, small prior: peak 1.27x the trainee-only footprint by default, 1.04x with this, same
-    speed). Only for objectives whose batch shapes vary (`varying_shapes`): for the decoder's large
-    fixed-shape activations the extra page faults cost 40% of the step on CPU. CPU training only:
-    CUDA tensors use torch's caching allocator. Returns whether the setting was applied.
+    Under `accelerator.accumulate(module)`: the objective's loss on `batch` (a collated batch
+    already on `accelerator.device`), backward, gradient clipping to `max_grad_norm` when the
+    gradients are synchronised (the last micro-batch of an optimisation step), then
+    `optimizer.step()`, `lr_scheduler.step()` and `optimizer.zero_grad()`; accelerate's prepared
+    optimizer and scheduler skip their step on the other micro-batches. `module`, `optimizer` and
+    `lr_scheduler` are the ones `accelerator.prepare` returned. Whether this call completed an
+    optimisation step is `accelerator.sync_gradients` afterwards. The loss is not gathered over
+    processes nor moved to the host here: logging it (a device sync) is the caller's choice.
+    Raises whatever the objective's loss or the backward pass raises.
     """
-    import ctypes
-    import ctypes.util
-    import sys
-
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
-        return bool(libc.mallopt(M_MMAP_THRESHOLD, 128 * 1024))
-    except (OSError, AttributeError):  # not glibc (musl, ...): nothing to tune
-        return False
+    with accelerator.accumulate(module):
+        loss = objective.loss(module, batch)  # scalar
+        accelerator.backward(loss)
+        if accelerator.sync_gradients:
+            accelerator.clip_grad_norm_(module.parameters(), max_grad_norm)
+        optimizer.step()
+        lr_scheduler.step()
+        optimizer.zero_grad()
+    return loss.detach()
 
 
 def train(config: TrainConfig, objective: Objective) -> dict[str, Any]:
@@ -111,8 +89,7 @@ def train(config: TrainConfig, objective: Objective) -> dict[str, Any]:
     if accelerator.num_processes != launched:
         raise Refused(f"launched as {launched} processes but accelerate runs {accelerator.num_processes}: each would "
                       "train alone and overwrite the others' files")
-    if accelerator.device.type == "cpu" and getattr(objective, "varying_shapes", False):
-        limit_cpu_heap_fragmentation()
+    mmap_threshold_kb = tune_cpu_heap(config, accelerator)
     try:  # everything that can refuse the job does so before step 1, with one message
         resume_dir = find_checkpoint(config)
         config.seed = resolve_seed(config, resume_dir)
@@ -153,10 +130,13 @@ def train(config: TrainConfig, objective: Objective) -> dict[str, Any]:
     if ema is not None:
         ema.to(accelerator.device)
 
-    global_step, losses, data_state = 0, [], None
+    global_step, data_state, carried = 0, None, []
     if resume_dir is not None:
         accelerator.print(f"Resuming from {resume_dir}")
-        global_step, losses, data_state = load_train_state(accelerator, resume_dir)
+        global_step, data_state = load_train_state(accelerator, resume_dir)
+        carried = read_losses(run_dir(resume_dir), global_step)
+    losses = [loss for _, loss in carried]
+    loss_log = LossLog(config.output_dir, resume_dir, carried) if accelerator.is_main_process else None
     loader = make_loader(config, objective, source, accelerator.process_index, world, data_state)
     if accelerator.is_main_process:
         accelerator.init_trackers(config.tracker_project_name, tracker_config(config))
@@ -171,15 +151,8 @@ def train(config: TrainConfig, objective: Objective) -> dict[str, Any]:
     step_loss = 0.0
     while global_step < max_steps:
         batch = {k: v.to(accelerator.device, non_blocking=True) for k, v in next(loader).items()}
-        with accelerator.accumulate(module):
-            loss = objective.loss(module, batch)
-            step_loss += accelerator.gather(loss.detach()).mean().item() / config.gradient_accumulation_steps
-            accelerator.backward(loss)
-            if accelerator.sync_gradients:
-                accelerator.clip_grad_norm_(module.parameters(), config.max_grad_norm)
-            optimizer.step()
-            lr_scheduler.step()
-            optimizer.zero_grad()
+        loss = train_step(accelerator, module, objective, batch, optimizer, lr_scheduler, config.max_grad_norm)
+        step_loss += accelerator.gather(loss).mean().item() / config.gradient_accumulation_steps
         if not accelerator.sync_gradients:
             continue
 
@@ -187,6 +160,8 @@ def train(config: TrainConfig, objective: Objective) -> dict[str, Any]:
             ema.step(model.parameters())
         global_step += 1
         losses.append(step_loss)
+        if loss_log is not None:
+            loss_log.append(global_step, step_loss)
         lr = lr_scheduler.get_last_lr()[0]
         accelerator.log({"train_loss": step_loss, "lr": lr, "epoch": global_step / steps_per_epoch}, step=global_step)
         progress.update(1)
@@ -194,7 +169,7 @@ def train(config: TrainConfig, objective: Objective) -> dict[str, Any]:
         step_loss = 0.0
 
         if global_step % config.checkpointing_steps == 0:
-            save_checkpoint(accelerator, config, global_step, losses, loader)
+            save_checkpoint(accelerator, config, global_step, loader)
         if config.validation_steps and global_step % config.validation_steps == 0 and global_step < max_steps:
             history.append((global_step, validate(accelerator, objective, model, ema, global_step)))
     progress.close()
@@ -205,19 +180,37 @@ def train(config: TrainConfig, objective: Objective) -> dict[str, Any]:
         ema.copy_to(model.parameters())  # from here on the model holds the EMA weights (validated, exported)
     summary = {"global_step": global_step, "losses": losses, "final_loss": losses[-1] if losses else None,
                "num_processes": world, "steps_per_epoch": steps_per_epoch, "seed": config.seed,
-               "learning_rate": learning_rate,
+               "learning_rate": learning_rate, "cpu_mmap_threshold_kb": mmap_threshold_kb,
                "output_dir": config.output_dir, "history": history, "validation": {}}
     if config.validation_steps:
         summary["validation"] = validate(accelerator, objective, model, None, global_step)
         history.append((global_step, summary["validation"]))
     if accelerator.is_main_process:
-        draw_loss_curve(losses, os.path.join(config.output_dir, "loss_curve.png"), f"{objective.name} training loss")
+        draw_loss_curve(losses, os.path.join(config.output_dir, "loss_curve.png"), f"{objective.name} training loss",
+                        last_step=global_step)
         config.save(config.output_dir)
         objective.export(accelerator.unwrap_model(model), config.output_dir, summary)
         accelerator.print(f"Saved the {objective.name} pipeline to {config.output_dir}")
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return summary
+
+
+def tune_cpu_heap(config: TrainConfig, accelerator: Accelerator) -> int | None:
+    """Apply `--cpu_mmap_threshold_kb` (CPU only, see train/cpu_heap.py); return the KiB applied, else None."""
+    wanted, device = config.cpu_mmap_threshold_kb, accelerator.device
+    if wanted is None:
+        return None
+    if device.type != "cpu":
+        if accelerator.is_main_process:
+            logger.info("--cpu_mmap_threshold_kb %d ignored: training on %s, not on the CPU", wanted, device.type)
+        return None
+    if not limit_cpu_heap_fragmentation(wanted):
+        logger.warning("--cpu_mmap_threshold_kb %d could not be applied (not glibc, or a value glibc refuses)", wanted)
+        return None
+    if accelerator.is_main_process:
+        logger.info("glibc mmap threshold fixed at %d KiB for the whole process (--cpu_mmap_threshold_kb)", wanted)
+    return wanted
 
 
 def validate(accelerator: Accelerator, objective: Objective, model, ema, step: int) -> dict[str, float]:
@@ -238,6 +231,10 @@ def validate(accelerator: Accelerator, objective: Objective, model, ema, step: i
 
 
 def make_optimizer(config: TrainConfig, params: list, learning_rate: float) -> torch.optim.Optimizer:
+    """AdamW (bitsandbytes' 8-bit one with --use_8bit_adam) with the config's betas, decay and epsilon.
+
+    Raises ImportError with the install command when --use_8bit_adam is asked without bitsandbytes.
+    """
     if config.use_8bit_adam:
         try:
             import bitsandbytes as bnb

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -18,21 +17,20 @@ from diffusers import DDPMScheduler, PriorTransformer
 from precompute import format as fmt
 from precompute import reader
 
-from .config import PriorTrainConfig
-from .data import CacheSource, load_validation
+from .diffusion import diffusion_mse, draw_noise_and_timesteps, prediction_target
 from .export import export_pipeline, write_model_card
+from .loader import load_validation
+from .objective import Bucketing, ObjectiveBase, refuse_unfit_cache
+from .prior_config import PriorTrainConfig
 from .prior_trim import TrimmedPrior, pad_to_longest
-from .snr import diffusion_mse
+from .prior_validation import PriorValidation
+from .source import CacheSource
 
 logger = logging.getLogger(__name__)
 
 PRIOR_SUBFOLDER = "prior"
 FROZEN_COMPONENTS = ("text_encoder", "image_encoder", "tokenizer", "image_processor", "scheduler")
 TRAIN_MEMBERS = (fmt.TEXT_EMBEDS, fmt.TEXT_HIDDEN, fmt.TEXT_LENGTHS, fmt.IMAGE_EMBEDS)
-
-
-class ManifestMismatch(ValueError):
-    """The cache was not made for this model (or not for the prior)."""
 
 
 def make_noise_scheduler() -> DDPMScheduler:
@@ -53,25 +51,27 @@ def training_loss(
 ) -> torch.Tensor:
     """The reference prior loss on one collated cache batch.
 
-    `batch`: `image_embeds` [B, E] (raw CLIP), `text_embeds` [B, E], `text_hidden` [B, L, H] and
-    `text_mask` [B, L] bool (L = 77, or the longest caption when `prior` is a trimming `TrimmedPrior`).
-    `noise` [B, E] and `timesteps` [B] are given so that tests can replay a step; `clip_mean`/`clip_std`
-    [1, E] are the prior's own statistics cloned before training, as in the reference.
-    `prior` is a `PriorTransformer` or a `TrimmedPrior` (which returns the prediction directly).
+    `prior` is a module returning the predicted image embedding [B, E] (a `TrimmedPrior`: trimming
+    or the plain 77-token forward, see `PriorObjective.train_module`). `batch`: `image_embeds` [B, E]
+    (raw CLIP), `text_embeds` [B, E], `text_hidden` [B, L, H] and `text_mask` [B, L] bool (L = the
+    prior's num_embeddings, or the longest caption of the batch). `noise` [B, E] and `timesteps` [B]
+    are given so that tests can replay a step; `clip_mean`/`clip_std` [1, E] are the prior's own
+    statistics cloned before training, as in the reference. Returns the scalar loss.
     """
     dtype = clip_mean.dtype
     image_embeds = batch["image_embeds"].to(dtype)  # [B, E]
-    image_embeds = (image_embeds - clip_mean) / clip_std  # [B, E] normalised: the x0 target
-    noisy_image_embeds = noise_scheduler.add_noise(image_embeds, noise.to(dtype), timesteps)  # [B, E]
-    out = prior(
+    image_embeds = (image_embeds - clip_mean) / clip_std  # [B, E] normalised: the x0 the scheduler noises
+    noise = noise.to(dtype)  # [B, E]
+    noisy_image_embeds = noise_scheduler.add_noise(image_embeds, noise, timesteps)  # [B, E]
+    target = prediction_target(noise_scheduler, image_embeds, noise, timesteps)  # [B, E] x0 ("sample")
+    model_pred = prior(
         noisy_image_embeds,
         timestep=timesteps,
         proj_embedding=batch["text_embeds"].to(dtype),  # [B, E]
         encoder_hidden_states=batch["text_hidden"].to(dtype),  # [B, L, H]
         attention_mask=batch["text_mask"],  # [B, L]
-    )
-    model_pred = getattr(out, "predicted_image_embedding", out)  # [B, E]
-    return diffusion_mse(model_pred, image_embeds, timesteps, noise_scheduler, snr_gamma)
+    )  # [B, E]
+    return diffusion_mse(model_pred, target, timesteps, noise_scheduler, snr_gamma)
 
 
 class PriorSampleTransform:
@@ -109,12 +109,14 @@ def caption_length(sample: dict) -> int:
 
 
 class PriorCollate:
-    """Stack samples; pad `text_hidden` back with zeros to 77 tokens (or the longest) and rebuild the mask.
+    """Stack samples; pad `text_hidden` back with zeros to `max_length` tokens (or the longest) and rebuild the mask.
 
-    Zeros are exact: padded positions are masked out of every attention read (see train/prior_trim.py).
+    `max_length` is the prior's `num_embeddings` (77 for Kandinsky 2.2; `check_manifest` holds the
+    cache's `max_length` to it). Zeros are exact: padded positions are masked out of every attention
+    read (see train/prior_trim.py). A caption longer than `max_length` raises `FormatError`.
     """
 
-    def __init__(self, max_length: int = 77, pad_to_longest: bool = False):
+    def __init__(self, max_length: int, pad_to_longest: bool = False):
         self.max_length, self.pad_to_longest = max_length, pad_to_longest
 
     def __call__(self, samples: list[dict]) -> dict[str, torch.Tensor]:
@@ -132,29 +134,28 @@ class PriorCollate:
 
 
 def check_manifest(manifest: dict, prior: PriorTransformer) -> None:
-    """Refuse, with one message listing every problem, a cache that cannot train this prior."""
-    fmt.check_manifest(manifest)
-    problems = []
-    missing = fmt.missing_members(manifest, fmt.PRIOR_MEMBERS)
-    if missing:
-        problems.append(f"the shards lack the prior members {missing} (encode={manifest.get('encode')!r}; "
-                        "re-run precompute with --encode prior or all)")
-    shapes, config = manifest.get("shapes", {}), prior.config
-    if shapes.get("embedding_dim") != config.embedding_dim:
-        problems.append(f"embedding_dim {shapes.get('embedding_dim')} != prior embedding_dim {config.embedding_dim}")
-    if shapes.get("text_hidden_size") != config.embedding_dim:
-        problems.append(f"text_hidden_size {shapes.get('text_hidden_size')} != prior embedding_dim "
-                        f"{config.embedding_dim} (the prior projects text hidden states from embedding_dim)")
-    if shapes.get("max_length") != config.num_embeddings:
-        problems.append(f"{shapes.get('max_length')} text tokens != prior num_embeddings {config.num_embeddings}")
-    if reader.split_count(manifest, fmt.TRAIN_SPLIT) == 0:
-        problems.append("the cache has no training samples")
-    if problems:
-        raise ManifestMismatch("the cache does not fit this prior: " + "; ".join(problems))
+    """Refuse, with one message listing every problem, a cache that cannot train this prior.
+
+    Raises `ManifestMismatch` (train/objective.py) or `FormatError`, both ValueErrors.
+    """
+    config = prior.config
+
+    def problems(shapes: dict, members_present: bool) -> list[str]:
+        found = []
+        if shapes.get("embedding_dim") != config.embedding_dim:
+            found.append(f"embedding_dim {shapes.get('embedding_dim')} != prior embedding_dim {config.embedding_dim}")
+        if shapes.get("text_hidden_size") != config.embedding_dim:
+            found.append(f"text_hidden_size {shapes.get('text_hidden_size')} != prior embedding_dim "
+                         f"{config.embedding_dim} (the prior projects text hidden states from embedding_dim)")
+        if shapes.get("max_length") != config.num_embeddings:
+            found.append(f"{shapes.get('max_length')} text tokens != prior num_embeddings {config.num_embeddings}")
+        return found
+
+    refuse_unfit_cache(manifest, "prior", fmt.PRIOR_MEMBERS, problems)
 
 
-class PriorObjective:
-    """What the shared loop needs for `python -m train prior` (see train/loop.py `Objective`)."""
+class PriorObjective(ObjectiveBase):
+    """What the shared loop needs for `python -m train prior` (see `Objective` in train/objective.py)."""
 
     name = "prior"
     config_class = PriorTrainConfig
@@ -166,6 +167,7 @@ class PriorObjective:
         self.config = config
         self.noise_scheduler = make_noise_scheduler()
         self.clip_mean = self.clip_std = None
+        self.max_length: int | None = None  # text positions of the prior (its num_embeddings), set in setup
         self.empty_text: dict[str, np.ndarray] | None = None
         self.validation = None
 
@@ -184,50 +186,40 @@ class PriorObjective:
         """Clone clip_mean/clip_std before training (as the reference) and read the held-out data."""
         self.clip_mean = model.clip_mean.detach().clone().float().to(device)  # [1, E]
         self.clip_std = model.clip_std.detach().clone().float().to(device)  # [1, E]
+        self.max_length = model.config.num_embeddings
         self.empty_text = reader.unconditional_text(source.manifest)
-        from .prior_validation import PriorValidation
-
         if self.config.validation_steps:
             held_out = load_validation(source, TRAIN_MEMBERS + (fmt.CAPTIONS,), self.config.validation_samples)
-            self.validation = PriorValidation(self.config, source.manifest, held_out, self.empty_text)
+            self.validation = PriorValidation(self.config, source.manifest, held_out, self.empty_text,
+                                              max_length=self.max_length)
 
-    def train_module(self, model: PriorTransformer) -> torch.nn.Module:
-        """What accelerate prepares: the prior behind one forward (trimmed and/or checkpointed if asked)."""
-        if self.config.trim_padding or self.config.gradient_checkpointing:
-            return TrimmedPrior(model, trim_padding=self.config.trim_padding,
-                                gradient_checkpointing=self.config.gradient_checkpointing)
-        return model
+    def train_module(self, model: PriorTransformer) -> TrimmedPrior:
+        """What accelerate prepares: the prior behind one forward returning the prediction [B, E].
+
+        Always the same wrapper, so that `training_loss` sees one return type: it trims the padding
+        and/or checkpoints if asked, else runs diffusers' own 77-token forward.
+        """
+        return TrimmedPrior(model, trim_padding=self.config.trim_padding,
+                            gradient_checkpointing=self.config.gradient_checkpointing)
 
     def sample_transform(self) -> PriorSampleTransform:
         return PriorSampleTransform(self.config.text_dropout, self.empty_text)
 
-    @property
-    def varying_shapes(self) -> bool:
-        """Trimmed batches change width every step (the loop then limits CPU heap fragmentation)."""
-        return self.config.trim_padding
-
-    def bucketing(self) -> tuple[int, Callable[[dict], int]] | None:
+    def bucketing(self) -> Bucketing | None:
         """Length-aware batching pays only when batches are trimmed to their longest caption."""
         if self.config.trim_padding and self.config.length_bucket_batches > 0:
             return self.config.length_bucket_batches, caption_length
         return None
 
     def collate(self) -> PriorCollate:
-        return PriorCollate(pad_to_longest=self.config.trim_padding)
+        return PriorCollate(self.max_length, pad_to_longest=self.config.trim_padding)
 
     def loss(self, module: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Draw noise and timesteps (global torch RNG, restored on resume) and return the loss."""
-        image_embeds = batch["image_embeds"]  # [B, E]
-        noise = torch.randn(image_embeds.shape, device=image_embeds.device)  # [B, E]
-        timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (image_embeds.shape[0],),
-                                  device=image_embeds.device).long()  # [B]
+        noise, timesteps = draw_noise_and_timesteps(batch["image_embeds"],
+                                                    self.noise_scheduler.config.num_train_timesteps)  # [B, E], [B]
         return training_loss(module, batch, self.noise_scheduler, noise=noise, timesteps=timesteps,
                              snr_gamma=self.config.snr_gamma, clip_mean=self.clip_mean, clip_std=self.clip_std)
-
-    def validate(self, model: PriorTransformer, step: int, accelerator) -> dict[str, float]:
-        if self.validation is None:
-            return {}
-        return self.validation.run(model, step, accelerator)
 
     def export(self, model: PriorTransformer, output_dir: str, summary: dict) -> None:
         """A complete KandinskyV22PriorPipeline folder: trained prior + the base's frozen files."""

@@ -15,7 +15,7 @@ noisy image embedding and the prediction token. Padded text positions change not
 So for a batch padded to its longest caption L, running the L + 4 kept positions (with their own
 positional embeddings, text `0..L-1` and extra `77..80`, and the matching rows/columns of the causal
 mask) gives the same `predicted_image_embedding` and the same parameter gradients, for ~(L + 4) / 81
-of the per-layer work (less in attention). `train.data.length_bucketed` keeps L close to each caption's own length.
+of the per-layer work (less in attention). `train.order.length_bucketed` keeps L close to each caption's own length.
 
 DDP / accelerate: DDP's gradient hooks and accelerate's autocast hang on the *wrapped module's*
 `forward`, so calling `trimmed_prior_forward(ddp.module, ...)` would bypass them. Wrap

@@ -46,7 +46,8 @@ def sample_image_embeds(
     """The denoising loop of `KandinskyV22PriorPipeline.__call__`, from text encodings instead of prompts.
 
     `cond` (and `uncond`, needed when guidance_scale > 1) hold `text_embeds` [B, E], `text_hidden`
-    [B, 77, H] and `text_mask` [B, 77]. Returns raw (de-normalised) image embeddings [B, E].
+    [B, L, H] and `text_mask` [B, L] (L = the prior's num_embeddings, 77). Returns raw (de-normalised)
+    image embeddings [B, E]. Raises ValueError for guidance without `uncond`.
     """
     device, dtype = prior.device, prior.dtype
     guided = guidance_scale > 1.0
@@ -54,25 +55,27 @@ def sample_image_embeds(
         raise ValueError("guidance_scale > 1 needs the unconditional text encodings")
     parts = [uncond, cond] if guided else [cond]
     text_embeds = torch.cat([p["text_embeds"] for p in parts]).to(device, dtype)  # [(2)B, E]
-    text_hidden = torch.cat([p["text_hidden"] for p in parts]).to(device, dtype)  # [(2)B, 77, H]
-    text_mask = torch.cat([p["text_mask"] for p in parts]).to(device)  # [(2)B, 77]
+    text_hidden = torch.cat([p["text_hidden"] for p in parts]).to(device, dtype)  # [(2)B, L, H]
+    text_mask = torch.cat([p["text_mask"] for p in parts]).to(device)  # [(2)B, L]
     batch_size = cond["text_embeds"].shape[0]
 
     scheduler.set_timesteps(num_inference_steps, device=device)
     timesteps = scheduler.timesteps
-    latents = randn_tensor((batch_size, prior.config.embedding_dim), generator=generator, device=device, dtype=dtype)
-    latents = latents * scheduler.init_noise_sigma  # [B, E]
+    # The pipeline calls these `latents`; they are (normalised) CLIP image embeddings being denoised.
+    image_embeds = randn_tensor((batch_size, prior.config.embedding_dim), generator=generator, device=device,
+                                dtype=dtype)  # [B, E]
+    image_embeds = image_embeds * scheduler.init_noise_sigma  # [B, E]
     for i, t in enumerate(timesteps):
-        model_input = torch.cat([latents] * 2) if guided else latents  # [(2)B, E]
+        model_input = torch.cat([image_embeds] * 2) if guided else image_embeds  # [(2)B, E]
         pred = prior(model_input, timestep=t, proj_embedding=text_embeds, encoder_hidden_states=text_hidden,
                      attention_mask=text_mask).predicted_image_embedding  # [(2)B, E]
         if guided:
             pred_uncond, pred_text = pred.chunk(2)
             pred = pred_uncond + guidance_scale * (pred_text - pred_uncond)  # [B, E]
         prev_timestep = None if i + 1 == len(timesteps) else timesteps[i + 1]
-        latents = scheduler.step(pred, timestep=t, sample=latents, generator=generator,
-                                 prev_timestep=prev_timestep).prev_sample  # [B, E]
-    return prior.post_process_latents(latents)  # [B, E]
+        image_embeds = scheduler.step(pred, timestep=t, sample=image_embeds, generator=generator,
+                                      prev_timestep=prev_timestep).prev_sample  # [B, E]
+    return prior.post_process_latents(image_embeds)  # [B, E] de-normalised with clip_mean/clip_std
 
 
 def embedding_metrics(pred: torch.Tensor, true: torch.Tensor) -> dict[str, float]:
@@ -87,24 +90,29 @@ def embedding_metrics(pred: torch.Tensor, true: torch.Tensor) -> dict[str, float
     return metrics
 
 
-def _encodings(items: list[dict], max_length: int = 77) -> dict[str, torch.Tensor]:
-    """Cached text encodings ({text_embeds [E], text_hidden [L, H]}) as a 77-padded prior batch."""
-    text_hidden, text_mask = pad_to_longest([item["text_hidden"] for item in items], max_length)  # [N, 77, H]
+def _encodings(items: list[dict], max_length: int) -> dict[str, torch.Tensor]:
+    """Cached text encodings ({text_embeds [E], text_hidden [L, H]}) as a prior batch padded to `max_length`."""
+    text_hidden, text_mask = pad_to_longest([item["text_hidden"] for item in items], max_length)  # [N, max_length, H]
     text_embeds = torch.from_numpy(np.stack([item["text_embeds"] for item in items]))  # [N, E]
     return {"text_embeds": text_embeds, "text_hidden": text_hidden, "text_mask": text_mask}
 
 
 class PriorValidation:
-    """Held-out data and prompts prepared once; `run` samples and scores them."""
+    """Held-out data and prompts prepared once; `run` samples and scores them.
 
-    def __init__(self, config, manifest: dict, held_out: list[dict], empty_text: dict[str, np.ndarray]):
-        self.config = config
+    `max_length`: the prior's text positions (num_embeddings), what the pipeline pads prompts to.
+    Raises ValueError for `--validation_prompts` the manifest does not hold.
+    """
+
+    def __init__(self, config, manifest: dict, held_out: list[dict], empty_text: dict[str, np.ndarray], *,
+                 max_length: int):
+        self.config, self.max_length = config, max_length
         self.scheduler = UnCLIPScheduler.from_pretrained(config.pretrained_prior_model_name_or_path,
                                                          subfolder="scheduler")
         first = [{"text_embeds": s[fmt.TEXT_EMBEDS][0],
                   "text_hidden": fmt.split_hidden(s[fmt.TEXT_HIDDEN], s[fmt.TEXT_LENGTHS])[0]} for s in held_out]
         self.captions = [s[fmt.CAPTIONS][0] if fmt.CAPTIONS in s else "" for s in held_out]
-        self.held_out = _encodings(first) if first else None
+        self.held_out = _encodings(first, max_length) if first else None
         self.true = torch.from_numpy(np.stack([s[fmt.IMAGE_EMBEDS] for s in held_out])).float() if first else None
         prompts = reader.validation_prompts(manifest)
         if config.validation_prompts is not None:
@@ -115,20 +123,22 @@ class PriorValidation:
                                  f"{sorted(known)}); re-run precompute with them in its --validation_prompts")
             prompts = [known[p] for p in config.validation_prompts]
         self.prompt_texts = [p["prompt"] for p in prompts]
-        self.prompts = _encodings(prompts) if prompts else None
+        self.prompts = _encodings(prompts, max_length) if prompts else None
         self.empty_text = empty_text
 
     def _uncond(self, n: int) -> dict[str, torch.Tensor]:
-        return _encodings([self.empty_text] * n)
+        return _encodings([self.empty_text] * n, self.max_length)
 
     def _sample(self, prior: PriorTransformer, cond: dict[str, torch.Tensor]) -> torch.Tensor:
         n = cond["text_embeds"].shape[0]
         generator = torch.Generator().manual_seed(self.config.seed or 0)  # never the global RNG
-        return sample_image_embeds(prior, self.scheduler, cond, num_inference_steps=self.config.validation_inference_steps,
+        return sample_image_embeds(prior, self.scheduler, cond,
+                                   num_inference_steps=self.config.validation_inference_steps,
                                    guidance_scale=self.config.validation_guidance_scale, uncond=self._uncond(n),
                                    generator=generator).float().cpu()
 
     def run(self, prior: PriorTransformer, step: int, accelerator) -> dict[str, float]:
+        """The three held-out cosines of `prior` (see the module docstring); prompts are sampled and saved."""
         was_training = prior.training
         prior.eval()
         metrics: dict[str, float] = {}

@@ -1,25 +1,16 @@
-"""Stream training batches from the cache shards, with an order that can be resumed exactly.
+"""Stream training batches from the cache shards, in the order train/order.py defines.
 
-Each reader ("slot" = one DataLoader worker of one process) gets an endless stream of epochs. Epoch
-e is a pure function of (seed, e, slot): the shard order is a permutation seeded by (seed, e), slot s
-of n reads shards[s::n] in that order, a buffer shuffle seeded by (seed, e, s) reorders the samples,
-and every per-sample random choice (caption, dropout) comes from an RNG seeded by (seed, e, s, k)
-for the k-th sample of the epoch. A batch carries the position (e, k) its slot has reached, so a
-checkpoint stores where each slot is and a resumed run starts there: the buffer shuffle is replayed
-on indices only, shards fully consumed before that point are not even opened, and only the tail of
-the current shard is read. Every process runs the same number of steps whatever its shard share
-(the stream never ends), so uneven shard counts cannot hang DDP.
+Shards are opened through fsspec and read as raw member bytes (only the members a batch needs),
+decoded with the reader's safe decoder, transformed per sample with the sample's own RNG and
+collated, in one `ShardStream` per process whose DataLoader workers are the order's slots.
+`ResumableLoader` records each slot's position for checkpoints; `build_loader` continues from one.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import posixpath
-import random
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
-from typing import Any, TypeVar
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import fsspec
 import numpy as np
@@ -29,79 +20,16 @@ from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from precompute import format as fmt
 from precompute import reader
-from precompute.reader import expand_urls
+
+from .order import (Bucketing, buffer_order, data_layout, epoch_shards, layout_changes, length_bucketed,
+                    restart_state)
+from .source import CacheSource, Shard
 
 logger = logging.getLogger(__name__)
 
 Handler = Callable[[Exception], bool]
 SampleTransform = Callable[[dict, np.random.Generator], dict]  # decoded sample, its own RNG -> sample
 Collate = Callable[[list[dict]], dict]  # transformed samples -> batch of tensors
-Sample = TypeVar("Sample")
-
-
-@dataclass(frozen=True)
-class Shard:
-    url: str
-    count: int  # samples, from the manifest
-
-
-@dataclass
-class CacheSource:
-    """What `--shards` resolved to: the manifest, where it lives, and the training shards."""
-
-    manifest: dict
-    location: str  # directory (or manifest URL) the manifest's shard names are relative to
-    train: list[Shard]
-
-
-def _is_cache_root(spec: str) -> bool:
-    if spec.endswith(fmt.MANIFEST_NAME):
-        return True
-    return not spec.endswith(".tar") and ("://" in spec or os.path.isdir(spec))
-
-
-def resolve_source(shards: list[str], manifest: str | None = None) -> CacheSource:
-    """Turn `--shards` (a cache directory, or shard URLs/globs/braces) into a CacheSource.
-
-    Shards must be listed in the manifest: their sample counts drive epoch math and exact resume.
-    """
-    if len(shards) == 1 and manifest is None and _is_cache_root(shards[0]):
-        location = shards[0]
-        loaded = reader.load_manifest(location)
-        counts = {s["name"]: s["count"] for s in loaded["shards"] if s["split"] == fmt.TRAIN_SPLIT}
-        urls = reader.shard_urls(loaded, location, fmt.TRAIN_SPLIT)
-        return CacheSource(loaded, location, [Shard(u, counts[posixpath.basename(u)]) for u in urls])
-    urls = expand_urls(shards)  # raises FileNotFoundError for a pattern that matches nothing
-    first = urls[0]
-    location = manifest or (posixpath.dirname(first) if "://" in first else os.path.dirname(first))
-    loaded = reader.load_manifest(location)
-    counts = {s["name"]: s["count"] for s in loaded["shards"] if s["split"] == fmt.TRAIN_SPLIT}
-    unknown = [u for u in urls if posixpath.basename(u) not in counts]
-    if unknown:
-        raise ValueError(f"{len(unknown)} shard(s) are not training shards of the manifest at {location}, "
-                         f"e.g. {unknown[0]}: their sample counts are unknown")
-    return CacheSource(loaded, reader.cache_root(location), [Shard(u, counts[posixpath.basename(u)]) for u in urls])
-
-
-def epoch_shards(shards: list[Shard], seed: int, epoch: int, slot: int, num_slots: int) -> list[Shard]:
-    """The shards slot `slot` of `num_slots` reads in `epoch`, in order (same permutation on every rank)."""
-    order = np.random.default_rng([seed, epoch]).permutation(len(shards))
-    return [shards[i] for i in order[slot::num_slots]]
-
-
-def buffer_order(n: int, bufsize: int, rng: np.random.Generator) -> Iterator[int]:
-    """Emission order of a buffer shuffle over n items: fill to `bufsize`, emit a random held item."""
-    buffer: list[int] = []
-    for index in range(n):
-        buffer.append(index)
-        if len(buffer) >= bufsize:
-            j = int(rng.integers(len(buffer)))
-            buffer[j], buffer[-1] = buffer[-1], buffer[j]
-            yield buffer.pop()
-    while buffer:
-        j = int(rng.integers(len(buffer)))
-        buffer[j], buffer[-1] = buffer[-1], buffer[j]
-        yield buffer.pop()
 
 
 def _read_raw(shard: Shard, members: tuple[str, ...], handler: Handler) -> Iterator[dict]:
@@ -153,58 +81,13 @@ def epoch_raw(shards: list[Shard], members: tuple[str, ...], bufsize: int, rng: 
             logger.warning("sample %d of this epoch is missing (a shard is shorter than its manifest count)", index)
 
 
-def length_bucketed(
-    samples: Iterable[Sample],
-    buffer_size: int,
-    batch_size: int,
-    key: Callable[[Sample], Any],
-    *,
-    seed: int | None = None,
-    drop_last: bool = False,
-) -> Iterator[list[Sample]]:
-    """Batches of similar caption length (`key`), drawn from consecutive windows of the stream.
-
-    Each window of `buffer_size` samples (rounded down to whole batches) is shuffled, stably sorted
-    by `key` and cut into batches, and the window's batches are emitted in random order. What stays
-    random: which samples fill a window (the stream is shard- and sample-shuffled upstream), which
-    of the samples with equal length share a batch (the shuffle before the stable sort; typical
-    captions have only ~20 distinct lengths, so ties are the rule), and the order of batches. What
-    changes: a batch is length-homogeneous instead of a uniform draw from the window; over the
-    `buffer_size / batch_size` steps of a window the model sees exactly the same samples as with
-    random batching, and every sample appears exactly once. A webdataset stage:
-    `partial(length_bucketed, buffer_size=..., batch_size=..., key=...)`.
-    """
-    if batch_size < 1 or buffer_size < batch_size:
-        raise ValueError(f"need 1 <= batch_size <= buffer_size, got {batch_size}, {buffer_size}")
-    rng = random.Random(seed)
-    window = buffer_size - buffer_size % batch_size  # whole batches, so only the last one can be short
-    buffer: list[Sample] = []
-    for sample in samples:
-        buffer.append(sample)
-        if len(buffer) == window:
-            yield from _sorted_batches(buffer, batch_size, key, rng, drop_last)
-            buffer = []
-    if buffer:
-        yield from _sorted_batches(buffer, batch_size, key, rng, drop_last)
-
-
-def _sorted_batches(buffer: list, batch_size: int, key: Callable, rng: random.Random, drop_last: bool) -> list[list]:
-    rng.shuffle(buffer)  # random tie-break among equal lengths (sort is stable)
-    buffer.sort(key=key)
-    batches = [buffer[i : i + batch_size] for i in range(0, len(buffer), batch_size)]
-    if drop_last and len(batches[-1]) < batch_size:
-        batches.pop()
-    rng.shuffle(batches)
-    return batches
-
-
 class ShardStream(torch.utils.data.IterableDataset):
-    """Endless batches for one process; each DataLoader worker is one slot (see module docstring)."""
+    """Endless batches for one process; each DataLoader worker is one slot (see train/order.py)."""
 
     def __init__(self, shards: list[Shard], *, seed: int, rank: int, world_size: int, num_workers: int,
                  batch_size: int, shuffle_buffer: int, members: tuple[str, ...], transform: SampleTransform,
                  collate: Collate, handler: Handler = wds.reraise_exception, state: dict | None = None,
-                 bucketing: tuple[int, Callable[[dict], int]] | None = None):
+                 bucketing: Bucketing | None = None):
         super().__init__()
         # (batches per window, length key): length-aware batching, see `length_bucketed`.
         self.bucketing = bucketing
@@ -305,32 +188,24 @@ class ResumableLoader:
         self._iter = None
 
     def state_dict(self) -> dict[str, Any]:
+        """Each slot's position, the batches consumed and the layout they hold for (saved per rank)."""
         return {"positions": dict(self.state["positions"]), "batches": self.state["batches"],
-                **_layout(self.stream.seed, self.stream.world_size, self.stream.num_workers, self.stream.batch_size,
-                          self.stream.shuffle_buffer, self.stream.bucketing)}
-
-
-def _layout(seed: int, world_size: int, num_workers: int, batch_size: int, shuffle_buffer: int,
-            bucketing: tuple | None) -> dict:
-    return {"seed": seed, "world_size": world_size, "slots_per_process": max(num_workers, 1),
-            "batch_size": batch_size, "shuffle_buffer": shuffle_buffer,
-            "bucket_batches": bucketing[0] if bucketing else 0}
+                **data_layout(self.stream.seed, self.stream.world_size, self.stream.num_workers,
+                              self.stream.batch_size, self.stream.shuffle_buffer, self.stream.bucketing)}
 
 
 def build_loader(source: CacheSource, *, seed: int, rank: int, world_size: int, num_workers: int, batch_size: int,
                  shuffle_buffer: int, members: tuple[str, ...], transform: SampleTransform, collate: Collate,
                  handler: Handler = wds.reraise_exception, state: dict | None = None,
-                 bucketing: tuple[int, Callable[[dict], int]] | None = None) -> ResumableLoader:
+                 bucketing: Bucketing | None = None) -> ResumableLoader:
     """The training batches of this process; `state` is a previous `ResumableLoader.state_dict()`."""
     if state is not None:
-        layout = _layout(seed, world_size, num_workers, batch_size, shuffle_buffer, bucketing)
-        changed = {k: (state.get(k), v) for k, v in layout.items() if state.get(k) != v}
+        changed = layout_changes(state, data_layout(seed, world_size, num_workers, batch_size, shuffle_buffer,
+                                                    bucketing))
         if changed:
-            epoch = min((p[0] for p in state.get("positions", {}).values()), default=0)
+            state = restart_state(state, world_size * max(num_workers, 1))
             logger.warning("data layout changed since the checkpoint (%s): the data order cannot continue exactly; "
-                           "every reader restarts at the beginning of epoch %d", changed, epoch)
-            slots = world_size * max(num_workers, 1)
-            state = {"positions": {str(s): (epoch, 0) for s in range(slots)}, "batches": 0}
+                           "every reader restarts at the beginning of epoch %d", changed, state["positions"]["0"][0])
     stream = ShardStream(source.train, seed=seed, rank=rank, world_size=world_size, num_workers=num_workers,
                          batch_size=batch_size, shuffle_buffer=shuffle_buffer, members=members,
                          transform=transform, collate=collate, handler=handler, state=state, bucketing=bucketing)

@@ -1,0 +1,58 @@
+"""`python -m train prior` flags: the shared `TrainConfig` plus the prior's model and validation options.
+
+Names and defaults follow diffusers' `train_text_to_image_prior.py` where it has the flag.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .config import TrainConfig
+
+DEFAULT_PRIOR = "kandinsky-community/kandinsky-2-2-prior"
+
+
+@dataclass
+class PriorTrainConfig(TrainConfig):
+    """Fine-tune the Kandinsky 2.2 prior (PriorTransformer) from cached text and image embeddings."""
+
+    command = "prior"
+
+    pretrained_prior_model_name_or_path: str = field(
+        default=DEFAULT_PRIOR,
+        metadata={"help": "Prior pipeline folder or hub id. Only its prior/ (and scheduler/ for validation) is "
+                  "loaded; the frozen encoders are copied as files into the exported pipeline, never loaded."},
+    )
+    text_dropout: float = field(
+        default=0.0,
+        metadata={"help": "Probability of replacing a caption's text encodings with the cached empty-caption "
+                  "encodings (classifier-free guidance); the original prior used about 0.1-0.2."},
+    )
+    length_bucket_batches: int = field(
+        default=8,
+        metadata={"help": "Length-aware batching for --trim_padding: consecutive windows of this many batches "
+                  "(from the shuffled stream) are sorted by caption length, cut into batches and the batches "
+                  "shuffled, so a batch holds captions of similar length and little padding is computed. Every "
+                  "sample is still seen once per epoch; 0 = plain random batches."},
+    )
+    trim_padding: bool = field(
+        default=True,
+        metadata={"help": "Run the prior on the batch padded to its longest caption instead of 77 tokens: the "
+                  "same result (padded tokens are masked out) for several times less work. --no_trim_padding "
+                  "runs diffusers' exact 77-token forward, for reproduction and comparison."},
+    )
+    validation_inference_steps: int = field(
+        default=10, metadata={"help": "UnCLIPScheduler steps when sampling image embeddings at validation."}
+    )
+    validation_guidance_scale: float = field(
+        default=1.0,
+        metadata={"help": "Classifier-free guidance scale at validation (uses the cached empty-caption encodings); "
+                  "1.0 = no guidance."},
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0.0 <= self.text_dropout <= 1.0:
+            raise ValueError("--text_dropout must be in [0, 1]")
+        if self.validation_inference_steps <= 0:
+            raise ValueError("--validation_inference_steps must be positive")
