@@ -107,10 +107,9 @@ def check_manifest(manifest: Mapping) -> None:
         )
 
 
-def missing_members(manifest: Manifest | Mapping, required: tuple[str, ...]) -> list[str]:
-    """The members of `required` that the manifest's shards do not hold (a dict is the trainers' dict API)."""
-    typed = manifest if isinstance(manifest, Manifest) else Manifest.from_dict(manifest)
-    return [m for m in required if m not in typed.members]
+def missing_members(manifest: Manifest, required: tuple[str, ...]) -> list[str]:
+    """The members of `required` that the manifest's shards do not hold."""
+    return [m for m in required if m not in manifest.members]
 
 
 # -- the manifest schema ---------------------------------------------------------------------------

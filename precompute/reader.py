@@ -49,18 +49,6 @@ def read_manifest(location: str) -> fmt.Manifest:
     return fmt.Manifest.from_dict(_read_json(location))
 
 
-def load_manifest(location: str) -> dict:
-    """`read_manifest` as the plain JSON dict (dict API kept for the trainers until they read `read_manifest`)."""
-    manifest = _read_json(location)
-    fmt.Manifest.from_dict(manifest)  # the same checks as read_manifest
-    return manifest
-
-
-def _typed(manifest: fmt.Manifest | dict) -> fmt.Manifest:
-    # A dict is the trainers' dict API (load_manifest), kept until they read `read_manifest`.
-    return manifest if isinstance(manifest, fmt.Manifest) else fmt.Manifest.from_dict(manifest)
-
-
 def cache_root(location: str) -> str:
     """The directory holding the manifest, for a directory or a manifest path."""
     if location.endswith(".json"):
@@ -68,15 +56,15 @@ def cache_root(location: str) -> str:
     return location
 
 
-def shard_urls(manifest: fmt.Manifest | dict, location: str, split: str = fmt.TRAIN_SPLIT) -> list[str]:
+def shard_urls(manifest: fmt.Manifest, location: str, split: str = fmt.TRAIN_SPLIT) -> list[str]:
     """URLs of the published shards of one split, in manifest order."""
     root = cache_root(location)
-    return [_join(root, s.name) for s in _typed(manifest).shards_of(split)]
+    return [_join(root, s.name) for s in manifest.shards_of(split)]
 
 
-def split_count(manifest: fmt.Manifest | dict, split: str = fmt.TRAIN_SPLIT) -> int:
+def split_count(manifest: fmt.Manifest, split: str = fmt.TRAIN_SPLIT) -> int:
     """Number of samples in one split (from the per-shard counts)."""
-    return _typed(manifest).count(split)
+    return manifest.count(split)
 
 
 def decode_sample(raw: dict[str, Any]) -> dict[str, Any]:
@@ -111,22 +99,22 @@ def _text_arrays(encoding: fmt.TextEncoding | fmt.PromptEncoding) -> dict[str, n
     }
 
 
-def unconditional_text(manifest: fmt.Manifest | dict) -> dict[str, np.ndarray]:
+def unconditional_text(manifest: fmt.Manifest) -> dict[str, np.ndarray]:
     """Cached encodings of the empty caption "" (classifier-free guidance dropout); raises without them."""
-    empty = _typed(manifest).unconditional.empty_caption
+    empty = manifest.unconditional.empty_caption
     if empty is None:
         raise fmt.FormatError("the manifest has no empty-caption encodings (a cache made with --encode decoder)")
     return _text_arrays(empty)
 
 
-def zero_image_embeds(manifest: fmt.Manifest | dict) -> np.ndarray:
+def zero_image_embeds(manifest: fmt.Manifest) -> np.ndarray:
     """Image embedding of an all-zero image: the decoder pipeline's negative embedding."""
-    return np.asarray(_typed(manifest).unconditional.zero_image.image_embeds, dtype=np.float32)  # [E]
+    return np.asarray(manifest.unconditional.zero_image.image_embeds, dtype=np.float32)  # [E]
 
 
-def validation_prompts(manifest: fmt.Manifest | dict) -> list[dict[str, Any]]:
+def validation_prompts(manifest: fmt.Manifest) -> list[dict[str, Any]]:
     """Cached encodings of `--validation_prompts` given to precompute."""
-    return [{"prompt": p.prompt, **_text_arrays(p)} for p in _typed(manifest).validation_prompts]
+    return [{"prompt": p.prompt, **_text_arrays(p)} for p in manifest.validation_prompts]
 
 
 def _glob(url: str) -> list[str]:

@@ -1,9 +1,9 @@
 """One training step of each contender: the lean trainers (the project's own objective, data path and
 optimiser settings) and the diffusers reference steps (scripts/diffusers_reference.py, which cites them).
 
-Lean: `train.<command>` objective + `train.data.build_loader` (shards -> decoded, collated batch),
-then loss, backward, gradient clipping and AdamW exactly as train/loop.py does them (accelerate's
-`prepare`, `backward`, `clip_grad_norm_`). Reference: `train_text_to_image_prior.py` /
+Lean: `train.<command>` objective + the loop's own loader (`train.loop.make_loader`: shards ->
+decoded, collated batch), then the loop's own step function `train.loop.train_step` (loss, backward,
+gradient clipping, AdamW, LR scheduler) and the loop's per-step loss read-back. Reference: `train_text_to_image_prior.py` /
 `train_text_to_image_decoder.py` of diffusers' examples/kandinsky2_2, step for step: the imagefolder
 loaded with `datasets`, `preprocess_train` (tokenizer, CLIPImageProcessor, the decoder's crop/resize)
 in a shuffled DataLoader with their `collate_fn`, the frozen encoders in `weight_dtype` every step.
@@ -48,6 +48,8 @@ class LeanTrainer:
         from train.__main__ import load_objective_class
         from train.config import parse_config
         from train.source import resolve_source
+        from diffusers.optimization import get_scheduler
+
         from train.loop import limit_cpu_heap_fragmentation, make_loader, make_optimizer
 
         objective_class = load_objective_class(command)
@@ -62,6 +64,7 @@ class LeanTrainer:
             self.optimizer = accelerator.prepare_optimizer(make_optimizer(config, params, config.learning_rate))
         else:
             self.optimizer = share.optimizer
+        self.lr_scheduler = accelerator.prepare_scheduler(get_scheduler(config.lr_scheduler, optimizer=self.optimizer))
         self.module = accelerator.prepare_model(self.objective.train_module(self.trainee))  # once per module
         # The loop's heap setting is process-wide: applied only in the memory section's own processes, so
         # that it cannot leak into the decoder timings of this process (it does not change prior speed).
@@ -75,17 +78,15 @@ class LeanTrainer:
 
     def step(self, batch: dict[str, torch.Tensor]) -> int:
         """One optimisation step on a host batch, as train/loop.py runs it; returns the batch size."""
+        from train.loop import train_step
+
         accelerator = self.accelerator
         batch = {k: v.to(accelerator.device, non_blocking=True) for k, v in batch.items()}
         if "text_mask" in batch:
             self.text_tokens.append(int(batch["text_mask"].shape[1]))
-        loss = self.objective.loss(self.module, batch)
-        loss_value = accelerator.gather(loss.detach()).mean()
-        accelerator.backward(loss)
-        accelerator.clip_grad_norm_(self.module.parameters(), self.config.max_grad_norm)
-        self.optimizer.step()
-        self.optimizer.zero_grad()
-        loss_value.item()  # the loop logs the loss every step: a device sync, on both sides
+        loss = train_step(accelerator, self.module, self.objective, batch, self.optimizer, self.lr_scheduler,
+                          self.config.max_grad_norm)
+        accelerator.gather(loss).mean().item()  # the loop logs the loss every step: a device sync, on both sides
         return next(iter(batch.values())).shape[0]
 
     def stream_step(self) -> int:

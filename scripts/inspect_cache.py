@@ -7,7 +7,6 @@ from __future__ import annotations
 import argparse
 import json
 
-import numpy as np
 import webdataset as wds
 
 from precompute import format as fmt
@@ -30,12 +29,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("cache", help="precompute --output_dir (local path or fsspec URL)")
     args = parser.parse_args()
-    manifest = reader.load_manifest(args.cache)
-    totals = manifest["totals"]
-    print(f"{manifest['format']} v{manifest['version']}  encode={manifest['encode']}  dtype={manifest['dtype']}")
-    print(f"shapes: {json.dumps(manifest['shapes'])}")
-    print(f"train: {totals['train']['samples']} samples in {totals['train']['shards']} shards; "
-          f"validation: {totals['validation']['samples']}; skipped: {totals['skipped']}")
+    manifest = reader.read_manifest(args.cache)
+    totals = manifest.totals
+    print(f"{manifest.format} v{manifest.version}  encode={manifest.encode}  dtype={manifest.dtype}")
+    print(f"shapes: {json.dumps(manifest.shapes.to_dict())}")
+    print(f"train: {totals.train.samples} samples in {totals.train.shards} shards; "
+          f"validation: {totals.validation.samples}; skipped: {totals.skipped}")
     urls = reader.shard_urls(manifest, args.cache)
     raws = list(wds.WebDataset(urls[:1], shardshuffle=False, nodesplitter=lambda x: x))
     sample = reader.decode_sample(raws[0])
@@ -47,10 +46,9 @@ def main() -> None:
     if fmt.TEXT_HIDDEN in raws[0]:
         stored = sum(len(raw[m]) for raw in raws for m in fmt.PRIOR_MEMBERS)
         captions = sum(len(fmt.decode_array(raw[fmt.TEXT_LENGTHS])) for raw in raws)
-        itemsize = np.dtype(fmt.FLOAT_DTYPES[manifest["dtype"]]).itemsize
-        padded = padded_prior_bytes(captions, len(raws), manifest["shapes"], itemsize)
+        padded = padded_prior_bytes(captions, len(raws), manifest.shapes.to_dict(), manifest.store_dtype.itemsize)
         print(f"prior records of the first shard: {stored / len(raws):.0f} bytes/sample vs {padded / len(raws):.0f} "
-              f"in the {manifest['shapes']['max_length']}-token padded layout ({stored / padded:.2f}x)")
+              f"in the {manifest.shapes.max_length}-token padded layout ({stored / padded:.2f}x)")
 
 
 if __name__ == "__main__":

@@ -109,7 +109,7 @@ def shuffle_captions(src: Path, dst: Path, seed: int = 0) -> Path:
 
     text = (fmt.CAPTIONS, fmt.TEXT_EMBEDS, fmt.TEXT_HIDDEN, fmt.TEXT_LENGTHS)
     dst.mkdir(parents=True, exist_ok=True)
-    manifest = reader.load_manifest(str(src))
+    manifest = reader.read_manifest(str(src))
     samples = []
     for url in reader.shard_urls(manifest, str(src), fmt.TRAIN_SPLIT):
         for raw in wds.WebDataset(url, shardshuffle=False, nodesplitter=lambda urls: urls):

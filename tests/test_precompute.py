@@ -121,7 +121,7 @@ def test_trimmed_hidden_padded_back_gives_same_prior_output(tiny_models, tiny_ca
 
 
 def test_manifest_contents(tiny_cache, sample_data):
-    manifest = reader.load_manifest(str(tiny_cache))
+    manifest = json.loads((tiny_cache / fmt.MANIFEST_NAME).read_text())  # the file as any reader sees it
     assert manifest["format"] == fmt.FORMAT and manifest["version"] == fmt.VERSION
     assert manifest["totals"]["train"]["samples"] == 56 and manifest["totals"]["validation"]["samples"] == 8
     assert manifest["shapes"] == {"embedding_dim": 32, "max_length": 77, "text_hidden_size": 32,
@@ -151,7 +151,7 @@ def test_padded_layout_size_from_text_lengths_and_shapes(tiny_cache, monkeypatch
     """inspect_cache's padded-layout figure equals the bytes of the records actually padded to max_length."""
     import inspect_cache
 
-    manifest = reader.load_manifest(str(tiny_cache))
+    manifest = json.loads((tiny_cache / fmt.MANIFEST_NAME).read_text())
     shapes, store = manifest["shapes"], fmt.FLOAT_DTYPES[manifest["dtype"]]
     rows = list(plain_read(tiny_cache).values())[:5]
     padded = 0
@@ -168,7 +168,7 @@ def test_padded_layout_size_from_text_lengths_and_shapes(tiny_cache, monkeypatch
 
 
 def test_project_reader_matches_plain_reader(tiny_cache):
-    manifest = reader.load_manifest(str(tiny_cache))
+    manifest = reader.read_manifest(str(tiny_cache))
     urls = reader.shard_urls(manifest, str(tiny_cache))
     plain = plain_read(tiny_cache)
     raws = wds.WebDataset(urls, shardshuffle=False, nodesplitter=lambda x: x)
@@ -190,8 +190,8 @@ def test_stream_factory_gives_the_batches_precompute_encoded(tiny_models, sample
     from precompute.main import plan
     from precompute.units import build_stream
 
-    manifest = reader.load_manifest(str(tiny_cache))
-    config = PrecomputeConfig(**manifest["config"])
+    manifest = reader.read_manifest(str(tiny_cache))
+    config = PrecomputeConfig(**manifest.config)
     dataset, units = plan(config)
     processor = CLIPImageProcessor.from_pretrained(tiny_models[0], subfolder="image_processor")
     seen: dict[str, list[str]] = {fmt.TRAIN_SPLIT: [], fmt.VALIDATION_SPLIT: []}

@@ -125,7 +125,7 @@ def test_export_is_a_complete_decoder_pipeline(run, tiny_models, tiny_cache, tra
 
     pipe = KandinskyV22Pipeline.from_pretrained(out)
     pipe.set_progress_bar_config(disable=True)
-    manifest = reader.load_manifest(str(tiny_cache))
+    manifest = reader.read_manifest(str(tiny_cache))
     embeds = torch.from_numpy(read_cache(tiny_cache, fmt.VALIDATION_SPLIT)[0][fmt.IMAGE_EMBEDS])[None]  # [1, E]
     negative = torch.from_numpy(reader.zero_image_embeds(manifest))[None]
     image = pipe(image_embeds=embeds.float(), negative_image_embeds=negative, height=64, width=64,

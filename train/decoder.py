@@ -104,24 +104,24 @@ def movq_scale_factor(decoder: str) -> int:
     return 2 ** (len(movq_config["block_out_channels"]) - 1)
 
 
-def check_manifest(manifest: dict, unet: UNet2DConditionModel, resolution: int, scale_factor: int) -> None:
+def check_manifest(manifest: fmt.Manifest, unet: UNet2DConditionModel, resolution: int, scale_factor: int) -> None:
     """Refuse, with one message listing every problem, a cache that cannot train this decoder.
 
     Raises `ManifestMismatch` (train/objective.py) or `FormatError`, both ValueErrors.
     """
     config = unet.config
 
-    def problems(shapes: dict, members_present: bool) -> list[str]:
+    def problems(shapes: fmt.Shapes, members_present: bool) -> list[str]:
         found = []
-        if shapes.get("resolution") != resolution:
-            found.append(f"the cache was encoded at resolution {shapes.get('resolution')} but --resolution "
-                         f"{resolution} was asked (pass --resolution {shapes.get('resolution')}, or re-run "
+        if shapes.resolution != resolution:
+            found.append(f"the cache was encoded at resolution {shapes.resolution} but --resolution "
+                         f"{resolution} was asked (pass --resolution {shapes.resolution}, or re-run "
                          f"precompute with --resolution {resolution})")
         side = resolution // scale_factor
         expected = [LATENT_CHANNELS, side, side]
-        latents = list(shapes.get("latents") or [])
-        if members_present and shapes.get("resolution") == resolution and latents != expected:
-            found.append(f"cached latents have shape {shapes.get('latents')}, expected {expected} for resolution "
+        latents = list(shapes.latents or [])
+        if members_present and shapes.resolution == resolution and latents != expected:
+            found.append(f"cached latents have shape {latents}, expected {expected} for resolution "
                          f"{resolution} and this MoVQ (factor {scale_factor})")
         if config.in_channels != LATENT_CHANNELS or config.out_channels < LATENT_CHANNELS:
             found.append(f"the UNet has in/out channels {config.in_channels}/{config.out_channels}, expected "
@@ -129,8 +129,8 @@ def check_manifest(manifest: dict, unet: UNet2DConditionModel, resolution: int, 
         if config.addition_embed_type != "image":
             found.append(f"the UNet is not conditioned on image embeddings (addition_embed_type="
                          f"{config.addition_embed_type!r}): not a Kandinsky 2.2 decoder")
-        elif shapes.get("embedding_dim") != config.encoder_hid_dim:
-            found.append(f"embedding_dim {shapes.get('embedding_dim')} != UNet encoder_hid_dim "
+        elif shapes.embedding_dim != config.encoder_hid_dim:
+            found.append(f"embedding_dim {shapes.embedding_dim} != UNet encoder_hid_dim "
                          f"{config.encoder_hid_dim}")
         return found
 
@@ -176,7 +176,7 @@ class DecoderObjective(ObjectiveBase):
             unet.enable_gradient_checkpointing()
         return unet.train()
 
-    def check_manifest(self, manifest: dict, model: UNet2DConditionModel) -> None:
+    def check_manifest(self, manifest: fmt.Manifest, model: UNet2DConditionModel) -> None:
         scale = movq_scale_factor(self.config.pretrained_decoder_model_name_or_path)
         check_manifest(manifest, model, self.config.resolution, scale)
 

@@ -20,7 +20,7 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
-from precompute import reader
+from precompute import format as fmt
 
 from .checkpoints import find_checkpoint, load_train_state, register_checkpoint_hooks, resolve_seed, save_checkpoint
 from .config import TrainConfig
@@ -118,7 +118,7 @@ def train(config: TrainConfig, objective: Objective) -> dict[str, Any]:
         optimizer = make_optimizer(config, [p for p in model.parameters() if p.requires_grad], learning_rate)
     except ImportError as exc:
         raise Refused(str(exc)) from exc
-    num_samples = reader.split_count(source.manifest)
+    num_samples = source.manifest.count(fmt.TRAIN_SPLIT)
     samples_per_step = config.train_batch_size * world * config.gradient_accumulation_steps
     steps_per_epoch = math.ceil(num_samples / samples_per_step)
     max_steps = config.max_train_steps or config.num_train_epochs * steps_per_epoch

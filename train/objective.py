@@ -15,7 +15,6 @@ import torch
 from accelerate import Accelerator
 
 from precompute import format as fmt
-from precompute import reader
 
 from .loader import Collate, SampleTransform
 from .order import Bucketing
@@ -37,7 +36,7 @@ class Objective(Protocol):
 
     def load_model(self) -> torch.nn.Module: ...  # the trainee, fp32, in train mode
 
-    def check_manifest(self, manifest: dict, model: torch.nn.Module) -> None: ...  # raise ValueError on mismatch
+    def check_manifest(self, manifest: fmt.Manifest, model: torch.nn.Module) -> None: ...  # raise ValueError on mismatch
 
     def setup(self, model: torch.nn.Module, source: CacheSource, device: torch.device) -> None: ...
 
@@ -74,23 +73,22 @@ class ObjectiveBase:
         return self.validation.run(model, step, accelerator)
 
 
-def refuse_unfit_cache(manifest: dict, command: str, members: tuple[str, ...],
-                       model_problems: Callable[[dict, bool], list[str]]) -> None:
+def refuse_unfit_cache(manifest: fmt.Manifest, command: str, members: tuple[str, ...],
+                       model_problems: Callable[[fmt.Shapes, bool], list[str]]) -> None:
     """Refuse, with one message listing every problem, a cache that cannot train `command`'s model.
 
     Checks the format version, that the shards hold `members` and that there are training samples;
-    `model_problems(shapes, members_present)` adds the model's own checks of `manifest["shapes"]`.
+    `model_problems(shapes, members_present)` adds the model's own checks of `manifest.shapes`.
     Raises `precompute.format.FormatError` for an unsupported cache and `ManifestMismatch` (both
     ValueErrors, which the loop turns into a refusal before step 1) for a cache of another model.
     """
-    fmt.check_manifest(manifest)
     problems = []
     missing = fmt.missing_members(manifest, members)
     if missing:
-        problems.append(f"the shards lack the {command} members {missing} (encode={manifest.get('encode')!r}; "
+        problems.append(f"the shards lack the {command} members {missing} (encode={manifest.encode!r}; "
                         f"re-run precompute with --encode {command} or all)")
-    problems += model_problems(manifest.get("shapes", {}), not missing)
-    if reader.split_count(manifest, fmt.TRAIN_SPLIT) == 0:
+    problems += model_problems(manifest.shapes, not missing)
+    if manifest.count(fmt.TRAIN_SPLIT) == 0:
         problems.append("the cache has no training samples")
     if problems:
         raise ManifestMismatch(f"the cache does not fit this {command}: " + "; ".join(problems))

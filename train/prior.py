@@ -133,22 +133,22 @@ class PriorCollate:
         }
 
 
-def check_manifest(manifest: dict, prior: PriorTransformer) -> None:
+def check_manifest(manifest: fmt.Manifest, prior: PriorTransformer) -> None:
     """Refuse, with one message listing every problem, a cache that cannot train this prior.
 
     Raises `ManifestMismatch` (train/objective.py) or `FormatError`, both ValueErrors.
     """
     config = prior.config
 
-    def problems(shapes: dict, members_present: bool) -> list[str]:
+    def problems(shapes: fmt.Shapes, members_present: bool) -> list[str]:
         found = []
-        if shapes.get("embedding_dim") != config.embedding_dim:
-            found.append(f"embedding_dim {shapes.get('embedding_dim')} != prior embedding_dim {config.embedding_dim}")
-        if shapes.get("text_hidden_size") != config.embedding_dim:
-            found.append(f"text_hidden_size {shapes.get('text_hidden_size')} != prior embedding_dim "
+        if shapes.embedding_dim != config.embedding_dim:
+            found.append(f"embedding_dim {shapes.embedding_dim} != prior embedding_dim {config.embedding_dim}")
+        if shapes.text_hidden_size != config.embedding_dim:
+            found.append(f"text_hidden_size {shapes.text_hidden_size} != prior embedding_dim "
                          f"{config.embedding_dim} (the prior projects text hidden states from embedding_dim)")
-        if shapes.get("max_length") != config.num_embeddings:
-            found.append(f"{shapes.get('max_length')} text tokens != prior num_embeddings {config.num_embeddings}")
+        if shapes.max_length != config.num_embeddings:
+            found.append(f"{shapes.max_length} text tokens != prior num_embeddings {config.num_embeddings}")
         return found
 
     refuse_unfit_cache(manifest, "prior", fmt.PRIOR_MEMBERS, problems)
@@ -179,7 +179,7 @@ class PriorObjective(ObjectiveBase):
         prior.clip_std.requires_grad_(False)
         return prior.train()
 
-    def check_manifest(self, manifest: dict, model: PriorTransformer) -> None:
+    def check_manifest(self, manifest: fmt.Manifest, model: PriorTransformer) -> None:
         check_manifest(manifest, model)
 
     def setup(self, model: PriorTransformer, source: CacheSource, device: torch.device) -> None:

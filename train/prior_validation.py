@@ -104,7 +104,7 @@ class PriorValidation:
     Raises ValueError for `--validation_prompts` the manifest does not hold.
     """
 
-    def __init__(self, config, manifest: dict, held_out: list[dict], empty_text: dict[str, np.ndarray], *,
+    def __init__(self, config, manifest: fmt.Manifest, held_out: list[dict], empty_text: dict[str, np.ndarray], *,
                  max_length: int):
         self.config, self.max_length = config, max_length
         self.scheduler = UnCLIPScheduler.from_pretrained(config.pretrained_prior_model_name_or_path,

@@ -27,7 +27,7 @@ class Shard:
 class CacheSource:
     """What `--shards` resolved to: the manifest, where it lives, and the training shards."""
 
-    manifest: dict
+    manifest: fmt.Manifest
     location: str  # directory (or manifest URL) the manifest's shard names are relative to
     train: list[Shard]
 
@@ -47,15 +47,15 @@ def resolve_source(shards: list[str], manifest: str | None = None) -> CacheSourc
     """
     if len(shards) == 1 and manifest is None and _is_cache_root(shards[0]):
         location = shards[0]
-        loaded = reader.load_manifest(location)
-        counts = {s["name"]: s["count"] for s in loaded["shards"] if s["split"] == fmt.TRAIN_SPLIT}
+        loaded = reader.read_manifest(location)
+        counts = {s.name: s.count for s in loaded.shards_of(fmt.TRAIN_SPLIT)}
         urls = reader.shard_urls(loaded, location, fmt.TRAIN_SPLIT)
         return CacheSource(loaded, location, [Shard(u, counts[posixpath.basename(u)]) for u in urls])
     urls = expand_urls(shards)  # raises FileNotFoundError for a pattern that matches nothing
     first = urls[0]
     location = manifest or (posixpath.dirname(first) if "://" in first else os.path.dirname(first))
-    loaded = reader.load_manifest(location)
-    counts = {s["name"]: s["count"] for s in loaded["shards"] if s["split"] == fmt.TRAIN_SPLIT}
+    loaded = reader.read_manifest(location)
+    counts = {s.name: s.count for s in loaded.shards_of(fmt.TRAIN_SPLIT)}
     unknown = [u for u in urls if posixpath.basename(u) not in counts]
     if unknown:
         raise ValueError(f"{len(unknown)} shard(s) are not training shards of the manifest at {location}, "
