@@ -18,6 +18,17 @@ if str(SCRIPTS_DIR) not in sys.path:
     sys.path.insert(0, str(SCRIPTS_DIR))  # scripts/ is not a package: make_tiny_models, diffusers_reference...
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny models on a shared 2-core machine: a second torch thread only spins (~10x slower)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """(prior_dir, decoder_dir) of random-weight tiny Kandinsky 2.2 pipelines, built once per session."""

@@ -11,12 +11,17 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 from dataclasses import dataclass, field
 from typing import Literal, Optional, TypeVar
 
 from .cpu_heap import MAX_THRESHOLD_KB
 
 CONFIG_NAME = "train_config.json"
+DEFAULT_VALIDATION_STEPS = 500
+# The diffusers scripts' data flags: here the data is the precompute cache, encoded by `python -m
+# precompute`, whose flags of the same names take these values.
+DATA_FLAGS = ("dataset_name", "dataset_config_name", "train_data_dir", "image_column", "caption_column")
 
 
 @dataclass
@@ -122,8 +127,22 @@ class TrainConfig:
         metadata={"help": "Samples held in each reader's shuffle buffer (shard order is also shuffled every "
                   "epoch); 1 disables sample shuffling."},
     )
-    validation_steps: int = field(
-        default=500, metadata={"help": "Validate every N optimisation steps (and once at the end); 0 disables."}
+    max_train_samples: Optional[int] = field(
+        default=None,
+        metadata={"help": "Train on N samples only: the first N of a permutation of the cache's training samples "
+                  "seeded by --seed (as diffusers' dataset.shuffle(seed).select(range(N))); epochs then count N "
+                  "samples. The other samples are still read from the shards, and skipped. Default: all."},
+    )
+    validation_steps: Optional[int] = field(
+        default=None,
+        metadata={"help": f"Validate every N optimisation steps (and once at the end); 0 disables. Default "
+                  f"{DEFAULT_VALIDATION_STEPS}, unless --validation_epochs is given (then give only that one)."},
+    )
+    validation_epochs: Optional[int] = field(
+        default=None,
+        metadata={"help": "Validate every N epochs instead, converted to steps: N x the steps of one epoch (from the "
+                  "manifest's sample counts, or --max_train_samples). Cannot be combined with --validation_steps. "
+                  "diffusers validates every 5 epochs by default; here the default is --validation_steps."},
     )
     validation_prompts: Optional[list[str]] = field(
         default=None,
@@ -132,6 +151,43 @@ class TrainConfig:
     )
     validation_samples: int = field(
         default=64, metadata={"help": "Held-out samples (validation shards) scored at each validation."}
+    )
+    cache_dir: Optional[str] = field(
+        default=None,
+        metadata={"help": "Where models named by a hub id are downloaded and cached (from_pretrained's cache_dir; "
+                  "default: the hub cache). Datasets are read by precompute, which has its own --cache_dir."},
+    )
+    local_rank: int = field(
+        default=-1,
+        metadata={"help": "For distributed training: this process's local rank, as launchers pass it "
+                  "(torch.distributed.launch). The LOCAL_RANK environment variable wins when set, as in diffusers; "
+                  "a value given here is exported as LOCAL_RANK for accelerate. Plain runs leave it at -1."},
+    )
+    push_to_hub: bool = field(
+        default=False,
+        metadata={"help": "At the end, upload --output_dir (pipeline folder, model card, loss curve, validation "
+                  "images; checkpoints only with --hub_upload_checkpoints) to the hub repository --hub_model_id, "
+                  "created at the start (before step 1) if it does not exist."},
+    )
+    hub_token: Optional[str] = field(
+        default=None,
+        metadata={"help": "Token to create and upload to the hub repository (default: the one of `hf auth "
+                  "login`). Refused with --report_to wandb, as in diffusers (the token would be logged)."},
+    )
+    hub_model_id: Optional[str] = field(
+        default=None,
+        metadata={"help": "Hub repository to push to (name or namespace/name); default: the name of --output_dir."},
+    )
+    hub_upload_checkpoints: bool = field(
+        default=False,
+        metadata={"help": "With --push_to_hub, also upload the checkpoint-N folders (full training state: large). "
+                  "diffusers uploads them always; here only when asked."},
+    )
+    base_model_id: Optional[str] = field(
+        default=None,
+        metadata={"help": "The hub id the model card gives as `base_model`. Default: the trained base's flag value "
+                  "when it is a hub id or a folder inside the hub cache (models--org--name/snapshots/...), else "
+                  "its local path."},
     )
     cpu_mmap_threshold_kb: Optional[int] = field(
         default=None,
@@ -156,8 +212,34 @@ class TrainConfig:
             raise ValueError("--checkpoints_total_limit must be positive")
         if self.cpu_mmap_threshold_kb is not None and not 0 < self.cpu_mmap_threshold_kb <= MAX_THRESHOLD_KB:
             raise ValueError(f"--cpu_mmap_threshold_kb must be in 1..{MAX_THRESHOLD_KB} (glibc's maximum, 32 MiB)")
-        if self.dataloader_num_workers < 0 or self.validation_steps < 0 or self.validation_samples < 0:
+        if self.max_train_samples is not None and self.max_train_samples <= 0:
+            raise ValueError("--max_train_samples must be positive")
+        if self.validation_epochs is not None:
+            if self.validation_steps is not None:
+                raise ValueError("--validation_epochs and --validation_steps both set when to validate: give one")
+            if self.validation_epochs <= 0:
+                raise ValueError("--validation_epochs must be positive (--validation_steps 0 disables validation)")
+        elif self.validation_steps is None:
+            self.validation_steps = DEFAULT_VALIDATION_STEPS
+        if self.dataloader_num_workers < 0 or (self.validation_steps or 0) < 0 or self.validation_samples < 0:
             raise ValueError("--dataloader_num_workers, --validation_steps and --validation_samples must be >= 0")
+        if self.hub_token is not None and "wandb" in self.report_to:
+            raise ValueError("--hub_token with --report_to wandb would expose the token in the logged config (as "
+                             "diffusers, refused): log in with `hf auth login` instead of passing --hub_token")
+        env_local_rank = int(os.environ.get("LOCAL_RANK", -1))
+        if env_local_rank != -1:  # the launcher's value wins, as in diffusers' parse_args
+            self.local_rank = env_local_rank
+
+    @property
+    def validates(self) -> bool:
+        """Whether validation runs at all (every --validation_steps or --validation_epochs)."""
+        return bool(self.validation_steps or self.validation_epochs)
+
+    def resolve_validation_steps(self, steps_per_epoch: int) -> int:
+        """The validation interval in steps (0 = never); converts --validation_epochs with `steps_per_epoch`."""
+        if self.validation_epochs is not None:
+            self.validation_steps = self.validation_epochs * steps_per_epoch
+        return self.validation_steps
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -174,10 +256,36 @@ class TrainConfig:
 C = TypeVar("C", bound=TrainConfig)
 
 
+class DataFlagError(ValueError):
+    """A diffusers data flag given to a trainer: the data comes from the precompute cache instead."""
+
+
+def refuse_data_flags(argv: list[str]) -> None:
+    """Raise DataFlagError naming the precompute flag for the first diffusers data flag in `argv`."""
+    for arg in argv:
+        name = arg.split("=", 1)[0].lstrip("-").replace("-", "_")
+        if arg.startswith("--") and name in DATA_FLAGS:
+            raise DataFlagError(
+                f"--{name} is a flag of precompute, not of the trainer: encode the data once with "
+                f"`kandinsky-precompute --{name} ... --output_dir CACHE` (python -m precompute), then train "
+                "with --shards CACHE")
+
+
 def parse_config(config_class: type[C], argv: list[str] | None = None, prog: str | None = None) -> C:
-    """Parse flags into `config_class` (`--help` lists every field with its help string)."""
+    """Parse flags into `config_class` (`--help` lists every field with its help string).
+
+    Raises DataFlagError for a diffusers data flag (see `DATA_FLAGS`) and ValueError for a value the
+    config refuses; argparse exits (code 2) for an unknown flag or a malformed value. A `--local_rank`
+    given while LOCAL_RANK is unset is exported as LOCAL_RANK, where accelerate reads it.
+    """
     from transformers import HfArgumentParser
 
-    parser = HfArgumentParser(config_class, description=config_class.__doc__, prog=prog)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    refuse_data_flags(argv)
+    epilog = ("The diffusers scripts' data flags (" + ", ".join(f"--{name}" for name in DATA_FLAGS) + ") are "
+              "flags of precompute: the data is encoded once into a cache, which --shards names.")
+    parser = HfArgumentParser(config_class, description=config_class.__doc__, prog=prog, epilog=epilog)
     (config,) = parser.parse_args_into_dataclasses(args=argv)
+    if config.local_rank != -1 and "LOCAL_RANK" not in os.environ:
+        os.environ["LOCAL_RANK"] = str(config.local_rank)
     return config

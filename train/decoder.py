@@ -39,9 +39,9 @@ TRAIN_MEMBERS = (fmt.IMAGE_EMBEDS, fmt.LATENTS)
 LATENT_CHANNELS = 4
 
 
-def make_noise_scheduler(decoder: str) -> DDPMScheduler:
+def make_noise_scheduler(decoder: str, cache_dir: str | None = None) -> DDPMScheduler:
     """The reference decoder's training scheduler: the decoder folder's own DDPMScheduler config."""
-    return DDPMScheduler.from_pretrained(decoder, subfolder="scheduler")
+    return DDPMScheduler.from_pretrained(decoder, subfolder="scheduler", cache_dir=cache_dir)
 
 
 def training_loss(
@@ -98,9 +98,9 @@ class DecoderCollate:
         }
 
 
-def movq_scale_factor(decoder: str) -> int:
+def movq_scale_factor(decoder: str, cache_dir: str | None = None) -> int:
     """Pixels per latent: what KandinskyV22Pipeline computes, from movq/config.json alone (no weights)."""
-    movq_config = VQModel.load_config(decoder, subfolder="movq")
+    movq_config = VQModel.load_config(decoder, subfolder="movq", cache_dir=cache_dir)
     return 2 ** (len(movq_config["block_out_channels"]) - 1)
 
 
@@ -169,7 +169,7 @@ class DecoderObjective(ObjectiveBase):
     def load_model(self) -> UNet2DConditionModel:
         """unet/ (with scheduler/ in `setup`): the only parts of the decoder loaded to train."""
         unet = UNet2DConditionModel.from_pretrained(self.config.pretrained_decoder_model_name_or_path,
-                                                    subfolder=UNET_SUBFOLDER)
+                                                    subfolder=UNET_SUBFOLDER, cache_dir=self.config.cache_dir)
         if self.config.enable_xformers_memory_efficient_attention:
             enable_xformers(unet)
         if self.config.gradient_checkpointing:
@@ -177,15 +177,16 @@ class DecoderObjective(ObjectiveBase):
         return unet.train()
 
     def check_manifest(self, manifest: fmt.Manifest, model: UNet2DConditionModel) -> None:
-        scale = movq_scale_factor(self.config.pretrained_decoder_model_name_or_path)
+        scale = movq_scale_factor(self.config.pretrained_decoder_model_name_or_path, self.config.cache_dir)
         check_manifest(manifest, model, self.config.resolution, scale)
 
     def setup(self, model: UNet2DConditionModel, source: CacheSource, device: torch.device) -> None:
         """Load the training scheduler; read the zero-image embedding (dropout, negative) and the held-out data."""
-        self.noise_scheduler = make_noise_scheduler(self.config.pretrained_decoder_model_name_or_path)
+        self.noise_scheduler = make_noise_scheduler(self.config.pretrained_decoder_model_name_or_path,
+                                                    self.config.cache_dir)
         self.zero_image_embeds = reader.zero_image_embeds(source.manifest)  # [E]
         limit = max(self.config.validation_samples, self.config.validation_images)
-        if self.config.validation_steps and limit:
+        if self.config.validates and limit:
             held_out = load_validation(source, TRAIN_MEMBERS, limit)
             self.validation = DecoderValidation(self.config, self.noise_scheduler, held_out, self.zero_image_embeds,
                                                 loss=training_loss)
@@ -220,7 +221,7 @@ class DecoderObjective(ObjectiveBase):
 
         config = self.config
         export_pipeline(config.pretrained_decoder_model_name_or_path, output_dir, {UNET_SUBFOLDER: model},
-                        FROZEN_COMPONENTS)
+                        FROZEN_COMPONENTS, cache_dir=config.cache_dir)
         prior = config.pretrained_prior_model_name_or_path
         prior = os.path.abspath(prior) if os.path.isdir(prior) else prior
         write_model_card(

@@ -37,9 +37,9 @@ GRID_TAG = "validation/decoder_grid"  # tracker key of the grid image
 DecoderLoss = Callable[..., torch.Tensor]
 
 
-def load_movq_decoder(decoder: str, device: torch.device) -> VQModel:
+def load_movq_decoder(decoder: str, device: torch.device, cache_dir: str | None = None) -> VQModel:
     """The MoVQ with only its decode path: encoder and quant_conv are freed right after loading."""
-    movq = VQModel.from_pretrained(decoder, subfolder="movq")
+    movq = VQModel.from_pretrained(decoder, subfolder="movq", cache_dir=cache_dir)
     movq.encoder = None  # used only by VQModel.encode
     movq.quant_conv = None
     return movq.requires_grad_(False).eval().to(device)
@@ -107,8 +107,9 @@ class DecoderValidation:
         """Generate from the first held-out embeddings, save [generated; ground truth] as a PNG, log it."""
         decoder, device, n = self.config.pretrained_decoder_model_name_or_path, unet.device, self.num_images
         if self.movq is None:
-            self.movq = load_movq_decoder(decoder, device)
-            self.scheduler = DDPMScheduler.from_pretrained(decoder, subfolder="scheduler")
+            self.movq = load_movq_decoder(decoder, device, self.config.cache_dir)
+            self.scheduler = DDPMScheduler.from_pretrained(decoder, subfolder="scheduler",
+                                                           cache_dir=self.config.cache_dir)
             self.ground_truth = decode_latents(self.movq, self.latents[:n].to(device))
         pipeline = KandinskyV22Pipeline(unet=unet, scheduler=self.scheduler, movq=self.movq)
         pipeline.set_progress_bar_config(disable=True)

@@ -21,14 +21,14 @@ logger = logging.getLogger(__name__)
 MODEL_INDEX = "model_index.json"
 
 
-def local_model_dir(name_or_path: str, folders: Sequence[str]) -> str:
+def local_model_dir(name_or_path: str, folders: Sequence[str], cache_dir: str | None = None) -> str:
     """A local folder for a pipeline: the path itself, or a hub snapshot of just `folders` (files only)."""
     if os.path.isdir(name_or_path):
         return name_or_path
     from huggingface_hub import snapshot_download
 
     patterns = [MODEL_INDEX, *[f"{folder}/*" for folder in folders]]
-    return snapshot_download(name_or_path, allow_patterns=patterns)
+    return snapshot_download(name_or_path, allow_patterns=patterns, cache_dir=cache_dir)
 
 
 def copy_tree(src: str, dst: str) -> None:
@@ -47,13 +47,15 @@ def copy_tree(src: str, dst: str) -> None:
             shutil.copy2(source, dest)
 
 
-def export_pipeline(base: str, output_dir: str, trained: dict, frozen: Sequence[str]) -> None:
+def export_pipeline(base: str, output_dir: str, trained: dict, frozen: Sequence[str], cache_dir: str | None = None
+                    ) -> None:
     """Write a complete pipeline folder: `trained` models (name -> ModelMixin) plus the base's `frozen` parts.
 
-    `base`: a local pipeline folder or hub id (only `frozen` folders and model_index.json are fetched).
-    Raises ValueError when the base's model_index.json lacks one of the components.
+    `base`: a local pipeline folder or hub id (only `frozen` folders and model_index.json are fetched,
+    into the hub cache or `cache_dir`). Raises ValueError when the base's model_index.json lacks one
+    of the components.
     """
-    base_dir = local_model_dir(base, frozen)
+    base_dir = local_model_dir(base, frozen, cache_dir)
     os.makedirs(output_dir, exist_ok=True)
     with open(os.path.join(base_dir, MODEL_INDEX)) as handle:
         index = json.load(handle)

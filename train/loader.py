@@ -22,7 +22,7 @@ from precompute import format as fmt
 from precompute import reader
 
 from .order import (Bucketing, buffer_order, data_layout, epoch_shards, layout_changes, length_bucketed,
-                    restart_state)
+                    restart_state, sample_subset)
 from .source import CacheSource, Shard
 
 logger = logging.getLogger(__name__)
@@ -43,9 +43,14 @@ def _read_raw(shard: Shard, members: tuple[str, ...], handler: Handler) -> Itera
 
 
 def epoch_raw(shards: list[Shard], members: tuple[str, ...], bufsize: int, rng: np.random.Generator,
-              start: int, handler: Handler) -> Iterator[tuple[int, dict]]:
-    """(k, raw sample) for k >= start in buffer-shuffled order; shards wholly before `start` are skipped."""
+              start: int, handler: Handler, keep: dict[str, np.ndarray] | None = None) -> Iterator[tuple[int, dict]]:
+    """(k, raw sample) for k >= start in buffer-shuffled order; shards wholly before `start` are skipped.
+
+    `keep` (shard URL -> bool mask [count], see `order.sample_subset`): only those samples are yielded;
+    the others keep their place k in the order, so positions and resume are unchanged.
+    """
     total = sum(s.count for s in shards)
+    kept = None if keep is None else np.concatenate([keep[s.url] for s in shards])  # [total]
     order = buffer_order(total, bufsize, rng)
     emitted = np.zeros(total, dtype=bool)
     for _ in range(start):  # replay the shuffle on indices only
@@ -76,7 +81,9 @@ def epoch_raw(shards: list[Shard], members: tuple[str, ...], bufsize: int, rng: 
             elif not emitted[item[0]]:
                 pending[item[0]] = item[1]
         if index in pending:
-            yield k, pending.pop(index)
+            raw = pending.pop(index)
+            if kept is None or kept[index]:
+                yield k, raw
         else:
             logger.warning("sample %d of this epoch is missing (a shard is shorter than its manifest count)", index)
 
@@ -87,8 +94,10 @@ class ShardStream(torch.utils.data.IterableDataset):
     def __init__(self, shards: list[Shard], *, seed: int, rank: int, world_size: int, num_workers: int,
                  batch_size: int, shuffle_buffer: int, members: tuple[str, ...], transform: SampleTransform,
                  collate: Collate, handler: Handler = wds.reraise_exception, state: dict | None = None,
-                 bucketing: Bucketing | None = None):
+                 bucketing: Bucketing | None = None, keep: dict[str, np.ndarray] | None = None):
         super().__init__()
+        self.keep = keep  # --max_train_samples: shard URL -> bool mask of the samples trained on
+        self.max_samples = None if keep is None else int(sum(mask.sum() for mask in keep.values()))
         # (batches per window, length key): length-aware batching, see `length_bucketed`.
         self.bucketing = bucketing
         shards = [s for s in shards if s.count > 0]  # an empty shard would let a reader spin through epochs
@@ -120,7 +129,8 @@ class ShardStream(torch.utils.data.IterableDataset):
         while True:
             shards = epoch_shards(self.shards, self.seed, epoch, slot, num_slots)
             rng = np.random.default_rng([self.seed, epoch, slot])
-            for k, raw in epoch_raw(shards, self.members, self.shuffle_buffer, rng, start, self.handler):
+            for k, raw in epoch_raw(shards, self.members, self.shuffle_buffer, rng, start, self.handler,
+                                    self.keep):
                 try:
                     sample = reader.decode_sample(raw)
                 except Exception as exc:  # the policy is the handler's
@@ -191,24 +201,34 @@ class ResumableLoader:
         """Each slot's position, the batches consumed and the layout they hold for (saved per rank)."""
         return {"positions": dict(self.state["positions"]), "batches": self.state["batches"],
                 **data_layout(self.stream.seed, self.stream.world_size, self.stream.num_workers,
-                              self.stream.batch_size, self.stream.shuffle_buffer, self.stream.bucketing)}
+                              self.stream.batch_size, self.stream.shuffle_buffer, self.stream.bucketing,
+                              self.stream.max_samples)}
 
 
 def build_loader(source: CacheSource, *, seed: int, rank: int, world_size: int, num_workers: int, batch_size: int,
                  shuffle_buffer: int, members: tuple[str, ...], transform: SampleTransform, collate: Collate,
                  handler: Handler = wds.reraise_exception, state: dict | None = None,
-                 bucketing: Bucketing | None = None) -> ResumableLoader:
-    """The training batches of this process; `state` is a previous `ResumableLoader.state_dict()`."""
+                 bucketing: Bucketing | None = None, max_samples: int | None = None) -> ResumableLoader:
+    """The training batches of this process; `state` is a previous `ResumableLoader.state_dict()`.
+
+    `max_samples`: train on the subset `order.sample_subset` picks (shards holding none are not read).
+    """
+    shards, keep = source.train, None
+    if max_samples is not None:
+        masks = sample_subset([s.count for s in shards], max_samples, seed)
+        keep = {s.url: mask for s, mask in zip(shards, masks)}
+        shards = [s for s, mask in zip(shards, masks) if mask.any()]
     if state is not None:
         changed = layout_changes(state, data_layout(seed, world_size, num_workers, batch_size, shuffle_buffer,
-                                                    bucketing))
+                                                    bucketing, max_samples))
         if changed:
             state = restart_state(state, world_size * max(num_workers, 1))
             logger.warning("data layout changed since the checkpoint (%s): the data order cannot continue exactly; "
                            "every reader restarts at the beginning of epoch %d", changed, state["positions"]["0"][0])
-    stream = ShardStream(source.train, seed=seed, rank=rank, world_size=world_size, num_workers=num_workers,
+    stream = ShardStream(shards, seed=seed, rank=rank, world_size=world_size, num_workers=num_workers,
                          batch_size=batch_size, shuffle_buffer=shuffle_buffer, members=members,
-                         transform=transform, collate=collate, handler=handler, state=state, bucketing=bucketing)
+                         transform=transform, collate=collate, handler=handler, state=state, bucketing=bucketing,
+                         keep=keep)
     return ResumableLoader(stream, seed)
 
 

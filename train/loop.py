@@ -46,7 +46,7 @@ def make_loader(config: TrainConfig, objective: Objective, source: CacheSource, 
                         num_workers=config.dataloader_num_workers, batch_size=config.train_batch_size,
                         shuffle_buffer=config.shuffle_buffer, members=objective.members,
                         transform=objective.sample_transform(), collate=objective.collate(), state=state,
-                        bucketing=objective.bucketing())
+                        bucketing=objective.bucketing(), max_samples=config.max_train_samples)
 
 
 def train_step(accelerator: Accelerator, module: torch.nn.Module, objective: Objective,
@@ -95,6 +95,10 @@ def train(config: TrainConfig, objective: Objective) -> dict[str, Any]:
         config.seed = resolve_seed(config, resume_dir)
         set_seed(config.seed)
         source = resolve_source(config.shards, config.manifest)
+        num_samples = training_samples(config, source)
+        samples_per_step = config.train_batch_size * accelerator.num_processes * config.gradient_accumulation_steps
+        steps_per_epoch = math.ceil(num_samples / samples_per_step)
+        validation_steps = config.resolve_validation_steps(steps_per_epoch)
         model = objective.load_model()
         objective.check_manifest(source.manifest, model)
         objective.setup(model, source, accelerator.device)
@@ -118,9 +122,6 @@ def train(config: TrainConfig, objective: Objective) -> dict[str, Any]:
         optimizer = make_optimizer(config, [p for p in model.parameters() if p.requires_grad], learning_rate)
     except ImportError as exc:
         raise Refused(str(exc)) from exc
-    num_samples = source.manifest.count(fmt.TRAIN_SPLIT)
-    samples_per_step = config.train_batch_size * world * config.gradient_accumulation_steps
-    steps_per_epoch = math.ceil(num_samples / samples_per_step)
     max_steps = config.max_train_steps or config.num_train_epochs * steps_per_epoch
     # accelerate steps a prepared scheduler once per process at every optimisation step.
     lr_scheduler = get_scheduler(config.lr_scheduler, optimizer=optimizer,
@@ -170,7 +171,7 @@ def train(config: TrainConfig, objective: Objective) -> dict[str, Any]:
 
         if global_step % config.checkpointing_steps == 0:
             save_checkpoint(accelerator, config, global_step, loader)
-        if config.validation_steps and global_step % config.validation_steps == 0 and global_step < max_steps:
+        if validation_steps and global_step % validation_steps == 0 and global_step < max_steps:
             history.append((global_step, validate(accelerator, objective, model, ema, global_step)))
     progress.close()
     loader.close()
@@ -182,7 +183,7 @@ def train(config: TrainConfig, objective: Objective) -> dict[str, Any]:
                "num_processes": world, "steps_per_epoch": steps_per_epoch, "seed": config.seed,
                "learning_rate": learning_rate, "cpu_mmap_threshold_kb": mmap_threshold_kb,
                "output_dir": config.output_dir, "history": history, "validation": {}}
-    if config.validation_steps:
+    if validation_steps:
         summary["validation"] = validate(accelerator, objective, model, None, global_step)
         history.append((global_step, summary["validation"]))
     if accelerator.is_main_process:
@@ -194,6 +195,20 @@ def train(config: TrainConfig, objective: Objective) -> dict[str, Any]:
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return summary
+
+
+def training_samples(config: TrainConfig, source: CacheSource) -> int:
+    """Samples in one epoch: the manifest's training samples, or --max_train_samples of the shards trained on.
+
+    Raises ValueError when --max_train_samples exceeds the samples of the training shards.
+    """
+    if config.max_train_samples is None:
+        return source.manifest.count(fmt.TRAIN_SPLIT)
+    available = sum(shard.count for shard in source.train)
+    if config.max_train_samples > available:
+        raise ValueError(f"--max_train_samples {config.max_train_samples} exceeds the {available} training samples "
+                         "of the cache")
+    return config.max_train_samples
 
 
 def tune_cpu_heap(config: TrainConfig, accelerator: Accelerator) -> int | None:

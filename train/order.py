@@ -11,7 +11,7 @@ the current shard is read (train/loader.py does the reading). Every process runs
 steps whatever its shard share (the stream never ends), so uneven shard counts cannot hang DDP.
 
 A checkpoint's position is only meaningful for the same layout (seed, processes, workers, batch
-size, shuffle buffer, length bucketing): `data_layout` records it, `layout_changes` compares it.
+size, shuffle buffer, length bucketing, --max_train_samples): `data_layout` records it, `layout_changes` compares it.
 """
 
 from __future__ import annotations
@@ -95,11 +95,16 @@ def _sorted_batches(buffer: list, batch_size: int, key: Callable, rng: random.Ra
 
 
 def data_layout(seed: int, world_size: int, num_workers: int, batch_size: int, shuffle_buffer: int,
-                bucketing: Bucketing | None) -> dict[str, int]:
-    """What a saved data position depends on (stored with it in every checkpoint)."""
-    return {"seed": seed, "world_size": world_size, "slots_per_process": max(num_workers, 1),
-            "batch_size": batch_size, "shuffle_buffer": shuffle_buffer,
-            "bucket_batches": bucketing[0] if bucketing else 0}
+                bucketing: Bucketing | None, max_samples: int | None = None) -> dict[str, int]:
+    """What a saved data position depends on (stored with it in every checkpoint).
+
+    `max_samples` (--max_train_samples) is recorded only when set, so that checkpoints written
+    before it existed still match a run without it.
+    """
+    layout = {"seed": seed, "world_size": world_size, "slots_per_process": max(num_workers, 1),
+              "batch_size": batch_size, "shuffle_buffer": shuffle_buffer,
+              "bucket_batches": bucketing[0] if bucketing else 0}
+    return layout if max_samples is None else {**layout, "max_samples": max_samples}
 
 
 def layout_changes(state: dict, layout: dict[str, int]) -> dict[str, tuple]:
@@ -111,3 +116,25 @@ def restart_state(state: dict, num_slots: int) -> dict:
     """A state that starts every one of `num_slots` slots at the beginning of the earliest epoch `state` reached."""
     epoch = min((p[0] for p in state.get("positions", {}).values()), default=0)
     return {"positions": {str(s): (epoch, 0) for s in range(num_slots)}, "batches": 0}
+
+
+SUBSET_STREAM = 2**31 - 1  # RNG stream of --max_train_samples: [seed, e] seeds epoch e, and no epoch reaches it
+
+
+def sample_subset(counts: list[int], n: int, seed: int) -> list[np.ndarray]:
+    """--max_train_samples: which samples of each shard are trained on, as one bool mask [count] per shard.
+
+    The kept samples are the first `n` of a permutation, seeded by `seed`, of all samples numbered in
+    the order of `counts` (the training shards in manifest order, then their records): the meaning of
+    diffusers' `dataset.shuffle(seed=seed).select(range(n))`, on the cache's sample order. Raises
+    ValueError when `n` exceeds the number of samples.
+    """
+    total = sum(counts)
+    if n > total:
+        raise ValueError(f"--max_train_samples {n} exceeds the {total} training samples of the cache")
+    chosen = np.random.default_rng([seed, SUBSET_STREAM]).permutation(total)[:n]  # [n]
+    keep = np.zeros(total, dtype=bool)  # [total]
+    keep[chosen] = True
+    offsets = np.cumsum([0, *counts])  # [S + 1]
+    return [keep[a:b] for a, b in zip(offsets[:-1], offsets[1:])]
+

@@ -170,10 +170,13 @@ class PriorObjective(ObjectiveBase):
         self.max_length: int | None = None  # text positions of the prior (its num_embeddings), set in setup
         self.empty_text: dict[str, np.ndarray] | None = None
         self.validation = None
+        if config.resolution is not None:
+            logger.info("--resolution %d is ignored by the prior: it trains on CLIP embeddings, which have no "
+                        "resolution (images are sized by precompute)", config.resolution)
 
     def load_model(self) -> PriorTransformer:
         prior = PriorTransformer.from_pretrained(self.config.pretrained_prior_model_name_or_path,
-                                                 subfolder=PRIOR_SUBFOLDER)
+                                                 subfolder=PRIOR_SUBFOLDER, cache_dir=self.config.cache_dir)
         # Used only to (de)normalise, never in forward: trainable they would stall DDP's gradient reduction.
         prior.clip_mean.requires_grad_(False)
         prior.clip_std.requires_grad_(False)
@@ -188,7 +191,7 @@ class PriorObjective(ObjectiveBase):
         self.clip_std = model.clip_std.detach().clone().float().to(device)  # [1, E]
         self.max_length = model.config.num_embeddings
         self.empty_text = reader.unconditional_text(source.manifest)
-        if self.config.validation_steps:
+        if self.config.validates:
             held_out = load_validation(source, TRAIN_MEMBERS + (fmt.CAPTIONS,), self.config.validation_samples)
             self.validation = PriorValidation(self.config, source.manifest, held_out, self.empty_text,
                                               max_length=self.max_length)
@@ -224,7 +227,7 @@ class PriorObjective(ObjectiveBase):
     def export(self, model: PriorTransformer, output_dir: str, summary: dict) -> None:
         """A complete KandinskyV22PriorPipeline folder: trained prior + the base's frozen files."""
         export_pipeline(self.config.pretrained_prior_model_name_or_path, output_dir, {PRIOR_SUBFOLDER: model},
-                        FROZEN_COMPONENTS)
+                        FROZEN_COMPONENTS, cache_dir=self.config.cache_dir)
         write_model_card(
             output_dir,
             base_model=self.config.pretrained_prior_model_name_or_path,

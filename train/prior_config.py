@@ -6,6 +6,7 @@ Names and defaults follow diffusers' `train_text_to_image_prior.py` where it has
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Optional
 
 from .config import TrainConfig
 
@@ -22,6 +23,18 @@ class PriorTrainConfig(TrainConfig):
         default=DEFAULT_PRIOR,
         metadata={"help": "Prior pipeline folder or hub id. Only its prior/ (and scheduler/ for validation) is "
                   "loaded; the frozen encoders are copied as files into the exported pipeline, never loaded."},
+    )
+    pretrained_decoder_model_name_or_path: Optional[str] = field(
+        default=None,
+        metadata={"help": "Decoder pipeline folder or hub id used only to render the validation prompts into images "
+                  "(its unet/, movq/ decoder half and scheduler/; no CLIP). Default: none, so no images are rendered "
+                  "(diffusers defaults to kandinsky-community/kandinsky-2-2-decoder; a hub default would fail "
+                  "offline)."},
+    )
+    resolution: Optional[int] = field(
+        default=None,
+        metadata={"help": "Accepted for the diffusers commands and ignored, with a one-line notice (the prior trains "
+                  "on embeddings, which have no resolution; diffusers' prior script ignores it silently)."},
     )
     text_dropout: float = field(
         default=0.0,

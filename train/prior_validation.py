@@ -108,7 +108,7 @@ class PriorValidation:
                  max_length: int):
         self.config, self.max_length = config, max_length
         self.scheduler = UnCLIPScheduler.from_pretrained(config.pretrained_prior_model_name_or_path,
-                                                         subfolder="scheduler")
+                                                         subfolder="scheduler", cache_dir=config.cache_dir)
         first = [{"text_embeds": s[fmt.TEXT_EMBEDS][0],
                   "text_hidden": fmt.split_hidden(s[fmt.TEXT_HIDDEN], s[fmt.TEXT_LENGTHS])[0]} for s in held_out]
         self.captions = [s[fmt.CAPTIONS][0] if fmt.CAPTIONS in s else "" for s in held_out]
