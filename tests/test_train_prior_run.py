@@ -112,7 +112,7 @@ def test_exported_folder_is_a_prior_pipeline_that_generates(full_run, tiny_model
         assert not (out / name / weights).is_symlink()
         assert not os.path.samefile(out / name / weights, prior_dir / name / weights)  # another inode
     card = (out / "README.md").read_text()
-    assert f"base_model: {prior_dir}" in card and f"Steps: {STEPS}" in card
+    assert f"base_model: {prior_dir}" in card and f"| optimisation steps | {STEPS} (1 process(es)) |" in card
     with Image.open(out / "loss_curve.png") as curve:
         assert curve.size == (640, 360)
     assert summary["validation"] and set(summary["validation"]) == {

@@ -10,6 +10,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # before transformers 
 
 from .config import parse_config  # noqa: E402
 from .decoder import DecoderObjective  # noqa: E402
+from .hub import HubError, create_hub_repo, is_main_rank, push_output  # noqa: E402
 from .loop import Refused, train  # noqa: E402
 from .prior import PriorObjective  # noqa: E402
 
@@ -24,7 +25,11 @@ def load_objective_class(command: str) -> type:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Parse the command and its flags, train, and return the exit code (2 = refused before step 1)."""
+    """Parse the command and its flags, train (and push to the hub), and return the exit code.
+
+    2 = refused before step 1 (bad flag or value, unfit cache or model, hub repository not creatable);
+    1 = trained and saved, but the upload to the hub failed.
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in OBJECTIVES:
         print(USAGE, file=sys.stderr)
@@ -38,10 +43,24 @@ def main(argv: list[str] | None = None) -> int:
         print(f"train {command}: error: {exc}", file=sys.stderr)
         return 2
     try:
+        repo_id = create_hub_repo(config) if config.push_to_hub and is_main_rank() else None
+    except HubError as exc:
+        print(f"train {command}: error: {exc}", file=sys.stderr)
+        return 2
+    if repo_id is not None:
+        config.hub_model_id = repo_id  # the full id (namespace/name): the model card's usage names it
+    try:
         train(config, objective_class(config))
     except Refused as exc:
         print(f"train {command}: error: {exc}", file=sys.stderr)
         return 2
+    if repo_id is not None:
+        try:
+            push_output(config, repo_id)
+        except HubError as exc:
+            print(f"train {command}: error: {exc}", file=sys.stderr)
+            return 1
+        print(f"Uploaded {config.output_dir} to https://huggingface.co/{repo_id}")
     return 0
 
 

@@ -242,7 +242,11 @@ class TrainConfig:
         return self.validation_steps
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """Every field (what train_config.json and the trackers record); a --hub_token is never written out."""
+        values = dataclasses.asdict(self)
+        if values.get("hub_token") is not None:
+            values["hub_token"] = "<redacted>"
+        return values
 
     def save(self, directory: str) -> str:
         """Write the full config as JSON (`train_config.json`) into `directory`."""

@@ -23,7 +23,8 @@ from precompute import reader
 from .decoder_config import DecoderTrainConfig
 from .decoder_validation import DecoderValidation
 from .diffusion import diffusion_mse, draw_noise_and_timesteps, prediction_target
-from .export import export_pipeline, write_model_card
+from .card import hub_id, write_model_card
+from .export import export_pipeline
 from .loader import load_validation
 from .objective import ObjectiveBase, refuse_unfit_cache
 from .source import CacheSource
@@ -162,6 +163,7 @@ class DecoderObjective(ObjectiveBase):
         self.noise_scheduler: DDPMScheduler | None = None  # loaded in setup, where a bad path is refused
         self.zero_image_embeds: np.ndarray | None = None
         self.validation = None
+        self.source: CacheSource | None = None
         if config.validation_prompts:
             logger.warning("--validation_prompts is ignored by the decoder trainer (it has no text input); "
                            "validation renders held-out image embeddings")
@@ -184,6 +186,7 @@ class DecoderObjective(ObjectiveBase):
         """Load the training scheduler; read the zero-image embedding (dropout, negative) and the held-out data."""
         self.noise_scheduler = make_noise_scheduler(self.config.pretrained_decoder_model_name_or_path,
                                                     self.config.cache_dir)
+        self.source = source  # the model card records the cache
         self.zero_image_embeds = reader.zero_image_embeds(source.manifest)  # [E]
         limit = max(self.config.validation_samples, self.config.validation_images)
         if self.config.validates and limit:
@@ -217,21 +220,20 @@ class DecoderObjective(ObjectiveBase):
         The model card's `prior:` entry names the prior, which is how AutoPipelineForText2Image
         (KandinskyV22CombinedPipeline) finds it, as on the hub.
         """
-        from huggingface_hub import ModelCardData
-
         config = self.config
         export_pipeline(config.pretrained_decoder_model_name_or_path, output_dir, {UNET_SUBFOLDER: model},
                         FROZEN_COMPONENTS, cache_dir=config.cache_dir)
-        prior = config.pretrained_prior_model_name_or_path
-        prior = os.path.abspath(prior) if os.path.isdir(prior) else prior
+        where = config.hub_model_id if config.push_to_hub else os.path.abspath(output_dir)
         write_model_card(
             output_dir,
             base_model=config.pretrained_decoder_model_name_or_path,
             title="Kandinsky 2.2 decoder fine-tuned from an embedding cache",
-            usage=_USAGE.format(path=os.path.abspath(output_dir)),
+            usage=_USAGE.format(path=where),
             config=config,
             summary=summary,
-            extra_yaml=ModelCardData(prior=[prior]).to_yaml(),
+            manifest=self.source.manifest,
+            cache_location=self.source.location,
+            prior=hub_id(config.pretrained_prior_model_name_or_path),
         )
 
 

@@ -8,9 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .config import TrainConfig
-from .prior_config import DEFAULT_PRIOR
-
-DEFAULT_DECODER = "kandinsky-community/kandinsky-2-2-decoder"
+from .prior_config import DEFAULT_DECODER, DEFAULT_PRIOR
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""The end of a run: a loadable diffusers pipeline folder, a model card and a loss-curve PNG (matplotlib).
+"""The end of a run: a loadable diffusers pipeline folder and a loss-curve PNG (matplotlib); the card is card.py.
 
 Frozen components are copied from the base pipeline folder as files: the encoders are never loaded
 into memory just to be saved again. Copied, never hard-linked or symlinked: in a hub cache the
@@ -69,45 +69,6 @@ def export_pipeline(base: str, output_dir: str, trained: dict, frozen: Sequence[
     for name, model in trained.items():
         model.save_pretrained(os.path.join(output_dir, name))  # safetensors
     shutil.copyfile(os.path.join(base_dir, MODEL_INDEX), os.path.join(output_dir, MODEL_INDEX))
-
-
-def write_model_card(output_dir: str, *, base_model: str, title: str, usage: str, config, summary: dict,
-                     extra_yaml: str = "") -> str:
-    """A short README.md: what was trained from what, how to load it, the key settings and final metrics."""
-    metrics = summary.get("validation") or {}
-    lines = [
-        "---",
-        "library_name: diffusers",
-        f"base_model: {base_model}",
-        "tags:\n- kandinsky\n- text-to-image\n- diffusers",
-        *( [extra_yaml.rstrip()] if extra_yaml else [] ),
-        "---",
-        "",
-        f"# {title}",
-        "",
-        (f"Fine-tuned from **{base_model}** on a precomputed embedding cache (`{' '.join(config.shards)}`) "
-         "without loading any frozen encoder during training."),
-        "",
-        "## Usage",
-        "",
-        usage,
-        "",
-        "## Training",
-        "",
-        (f"* Steps: {summary.get('global_step')} (batch {config.train_batch_size} x accumulation "
-         f"{config.gradient_accumulation_steps} x {summary.get('num_processes', 1)} process(es))"),
-        f"* Learning rate: {config.learning_rate} ({config.lr_scheduler}, warmup {config.lr_warmup_steps})",
-        f"* Min-SNR gamma: {config.snr_gamma}; EMA: {config.use_ema}; mixed precision: {config.mixed_precision}",
-        f"* Final training loss: {summary.get('final_loss')}",
-        *[f"* {name}: {value:.4f}" for name, value in metrics.items()],
-        "",
-        "![loss curve](./loss_curve.png)" if os.path.exists(os.path.join(output_dir, "loss_curve.png")) else "",
-        "",
-    ]
-    path = os.path.join(output_dir, "README.md")
-    with open(path, "w") as handle:
-        handle.write("\n".join(lines))
-    return path
 
 
 FIGURE_INCHES, DPI = (6.4, 3.6), 100  # a 640 x 360 PNG

@@ -29,6 +29,7 @@ from .loader import build_loader
 from .loss_log import LossLog, read_losses, run_dir
 from .export import draw_loss_curve
 from .objective import Objective
+from .precision import effective_mixed_precision
 from .source import CacheSource, resolve_source
 from .trackers import resolve_trackers, tracker_config
 
@@ -81,11 +82,14 @@ def train(config: TrainConfig, objective: Objective) -> dict[str, Any]:
     accelerator = Accelerator(
         cpu=launched > 1 and not torch.cuda.is_available(),  # torchrun without GPUs: join a gloo group
         gradient_accumulation_steps=config.gradient_accumulation_steps,
-        mixed_precision=config.mixed_precision,
+        mixed_precision=effective_mixed_precision(config.mixed_precision),
         log_with=resolve_trackers(config.report_to) or None,
         project_config=ProjectConfiguration(project_dir=config.output_dir,
                                             logging_dir=os.path.join(config.output_dir, config.logging_dir)),
     )
+    # The precision actually used, also when chosen by `accelerate launch` or its config file: what
+    # train_config.json and the model card record.
+    config.mixed_precision = accelerator.mixed_precision
     if accelerator.num_processes != launched:
         raise Refused(f"launched as {launched} processes but accelerate runs {accelerator.num_processes}: each would "
                       "train alone and overwrite the others' files")

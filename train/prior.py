@@ -18,10 +18,11 @@ from precompute import format as fmt
 from precompute import reader
 
 from .diffusion import diffusion_mse, draw_noise_and_timesteps, prediction_target
-from .export import export_pipeline, write_model_card
+from .card import hub_id, write_model_card
+from .export import export_pipeline
 from .loader import load_validation
 from .objective import Bucketing, ObjectiveBase, refuse_unfit_cache
-from .prior_config import PriorTrainConfig
+from .prior_config import DEFAULT_DECODER, PriorTrainConfig
 from .prior_trim import TrimmedPrior, pad_to_longest
 from .prior_validation import PriorValidation
 from .source import CacheSource
@@ -170,6 +171,7 @@ class PriorObjective(ObjectiveBase):
         self.max_length: int | None = None  # text positions of the prior (its num_embeddings), set in setup
         self.empty_text: dict[str, np.ndarray] | None = None
         self.validation = None
+        self.source: CacheSource | None = None
         if config.resolution is not None:
             logger.info("--resolution %d is ignored by the prior: it trains on CLIP embeddings, which have no "
                         "resolution (images are sized by precompute)", config.resolution)
@@ -187,6 +189,7 @@ class PriorObjective(ObjectiveBase):
 
     def setup(self, model: PriorTransformer, source: CacheSource, device: torch.device) -> None:
         """Clone clip_mean/clip_std before training (as the reference) and read the held-out data."""
+        self.source = source  # the model card records the cache
         self.clip_mean = model.clip_mean.detach().clone().float().to(device)  # [1, E]
         self.clip_std = model.clip_std.detach().clone().float().to(device)  # [1, E]
         self.max_length = model.config.num_embeddings
@@ -228,13 +231,18 @@ class PriorObjective(ObjectiveBase):
         """A complete KandinskyV22PriorPipeline folder: trained prior + the base's frozen files."""
         export_pipeline(self.config.pretrained_prior_model_name_or_path, output_dir, {PRIOR_SUBFOLDER: model},
                         FROZEN_COMPONENTS, cache_dir=self.config.cache_dir)
+        config = self.config
+        decoder = hub_id(config.pretrained_decoder_model_name_or_path or DEFAULT_DECODER)
+        where = config.hub_model_id if config.push_to_hub else os.path.abspath(output_dir)
         write_model_card(
             output_dir,
-            base_model=self.config.pretrained_prior_model_name_or_path,
+            base_model=config.pretrained_prior_model_name_or_path,
             title="Kandinsky 2.2 prior fine-tuned from an embedding cache",
-            usage=_USAGE.format(path=os.path.abspath(output_dir)),
-            config=self.config,
+            usage=_USAGE.format(path=where, decoder=decoder),
+            config=config,
             summary=summary,
+            manifest=self.source.manifest,
+            cache_location=self.source.location,
         )
 
 
@@ -243,7 +251,7 @@ from diffusers import AutoPipelineForText2Image, KandinskyV22PriorPipeline
 
 prior = KandinskyV22PriorPipeline.from_pretrained("{path}")
 pipe = AutoPipelineForText2Image.from_pretrained(
-    "kandinsky-community/kandinsky-2-2-decoder", prior_prior=prior.prior,
+    "{decoder}", prior_prior=prior.prior,
     prior_text_encoder=prior.text_encoder, prior_tokenizer=prior.tokenizer,
     prior_image_encoder=prior.image_encoder, prior_image_processor=prior.image_processor,
     prior_scheduler=prior.scheduler,

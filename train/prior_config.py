@@ -11,6 +11,7 @@ from typing import Optional
 from .config import TrainConfig
 
 DEFAULT_PRIOR = "kandinsky-community/kandinsky-2-2-prior"
+DEFAULT_DECODER = "kandinsky-community/kandinsky-2-2-decoder"  # named in the prior card's usage when none is given
 
 
 @dataclass
