@@ -1,7 +1,7 @@
-"""`python -m precompute` / `accelerate launch -m precompute`."""
+"""`python -m precompute` / `accelerate launch -m precompute` (and `python -m precompute prompts`)."""
 
 import sys
 
-from .main import main
+from .cli import main
 
 sys.exit(main())

@@ -19,9 +19,10 @@ echo "== 2/5 precompute (CLIP text + CLIP vision + MoVQ, once)"
   --batch_size 32 --num_workers 2 \
   --validation_prompts "a red circle on a blue background" "a yellow square on a black background"
 "$PY" scripts/inspect_cache.py "$OUT/cache"
-echo "== 3/5 train the prior from the cache (no CLIP loaded)"
+echo "== 3/5 train the prior from the cache (no CLIP loaded; validation prompts rendered by the base decoder)"
 "$PY" -m train prior --shards "$OUT/cache" --output_dir "$OUT/prior-ft" \
   --pretrained_prior_model_name_or_path "$OUT/models/prior" \
+  --pretrained_decoder_model_name_or_path "$OUT/models/decoder" \
   --train_batch_size 32 --learning_rate 1e-3 --lr_warmup_steps 0 --use_ema --max_train_steps 300 \
   --validation_steps 150 --checkpointing_steps 150 --checkpoints_total_limit 1 --seed 0 --report_to none
 echo "== 4/5 train the decoder from the cache (no CLIP, no MoVQ encoder loaded)"
@@ -36,6 +37,6 @@ echo
 echo "models:        $OUT/models"
 echo "sample data:   $OUT/data"
 echo "cache:         $OUT/cache (manifest.json + shards)"
-echo "prior:         $OUT/prior-ft (KandinskyV22PriorPipeline folder, loss_curve.png)"
-echo "decoder:       $OUT/decoder-ft (KandinskyV22Pipeline folder, validation grids, loss_curve.png)"
+echo "prior:         $OUT/prior-ft (KandinskyV22PriorPipeline folder, validation/prior-*.png, loss_curve.png)"
+echo "decoder:       $OUT/decoder-ft (KandinskyV22Pipeline folder, validation/decoder*-*.png, loss_curve.png)"
 echo "image:         $OUT/generated.png"

@@ -17,7 +17,8 @@ from test_train_decoder import decoder_flags, forbid_encoders, reset_accelerate,
 
 from precompute import format as fmt
 from precompute import reader
-from train.decoder_validation import GRID_TAG
+from train.decoder_validation import GRID_TAG, PROMPTS_TAG, ROW_LABELS
+from train.grids import labelled_grid
 
 STEPS, VALIDATION_STEPS, IMAGES = 40, 20, 2
 WEIGHTS = "diffusion_pytorch_model.safetensors"
@@ -88,9 +89,14 @@ def test_validation_grids_written_and_logged(run, tiny_cache):
     folder = run["out"] / "validation"
     names = sorted(p.name for p in folder.glob("decoder-*.png"))
     assert names == [f"decoder-{VALIDATION_STEPS:06d}.png", f"decoder-{STEPS:06d}.png"]
-    grid = np.asarray(Image.open(folder / names[-1]).convert("RGB"))
+    image = Image.open(folder / names[-1]).convert("RGB")
     side = 64
-    assert grid.shape == (2 * side, IMAGES * side, 3)  # top: generated, bottom: ground truth
+    layout = labelled_grid([[Image.new("RGB", (side, side))] * IMAGES] * 2, row_labels=ROW_LABELS)
+    assert image.size == layout.image.size  # rows "generated" and "reference", labelled on the left
+    labels = (0, 0, layout.boxes[0][0][0], image.size[1])
+    assert np.array_equal(np.asarray(image.crop(labels)), np.asarray(layout.image.crop(labels)))
+    grid = np.concatenate([np.concatenate([np.asarray(image.crop(box)) for box in row], axis=1)
+                           for row in layout.boxes])  # [2 * side, IMAGES * side, 3], labels cut off
     # bottom row = the first held-out samples' cached latents, decoded as the pipeline decodes
     held_out = read_cache(tiny_cache, fmt.VALIDATION_SPLIT)[:IMAGES]  # load_validation's order: the manifest's
     latents = torch.from_numpy(np.stack([s[fmt.LATENTS] for s in held_out]))  # [n, 4, 8, 8]
@@ -106,6 +112,7 @@ def test_validation_grids_written_and_logged(run, tiny_cache):
     assert events
     accumulator = EventAccumulator(str(events[0]), size_guidance={"images": 0, "scalars": 0}).Reload()
     assert [e.step for e in accumulator.Images(GRID_TAG)] == [VALIDATION_STEPS, STEPS]
+    assert [e.step for e in accumulator.Images(PROMPTS_TAG)] == [VALIDATION_STEPS, STEPS]  # the cache's 2 prompts
     assert [e.step for e in accumulator.Scalars("val/loss")] == [VALIDATION_STEPS, STEPS]
 
 

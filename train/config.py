@@ -146,8 +146,11 @@ class TrainConfig:
     )
     validation_prompts: Optional[list[str]] = field(
         default=None,
-        metadata={"help": "Prompts to sample at validation; they must have been encoded by precompute "
-                  "(--validation_prompts there). Default: all prompts stored in the manifest."},
+        metadata={"help": "Prompts rendered at validation, from their text encodings cached by precompute (its "
+                  "--validation_prompts, or `kandinsky-precompute prompts` to add some to a cache): no text encoder "
+                  "is loaded. The prior samples their image embeddings and renders them with "
+                  "--pretrained_decoder_model_name_or_path; the decoder renders the embeddings that "
+                  "--pretrained_prior_model_name_or_path samples. Default: all prompts of the cache."},
     )
     validation_samples: int = field(
         default=64, metadata={"help": "Held-out samples (validation shards) scored at each validation."}

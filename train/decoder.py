@@ -164,9 +164,6 @@ class DecoderObjective(ObjectiveBase):
         self.zero_image_embeds: np.ndarray | None = None
         self.validation = None
         self.source: CacheSource | None = None
-        if config.validation_prompts:
-            logger.warning("--validation_prompts is ignored by the decoder trainer (it has no text input); "
-                           "validation renders held-out image embeddings")
 
     def load_model(self) -> UNet2DConditionModel:
         """unet/ (with scheduler/ in `setup`): the only parts of the decoder loaded to train."""
@@ -192,7 +189,7 @@ class DecoderObjective(ObjectiveBase):
         if self.config.validates and limit:
             held_out = load_validation(source, TRAIN_MEMBERS, limit)
             self.validation = DecoderValidation(self.config, self.noise_scheduler, held_out, self.zero_image_embeds,
-                                                loss=training_loss)
+                                                loss=training_loss, manifest=source.manifest, device=device)
 
     def train_module(self, model: UNet2DConditionModel) -> torch.nn.Module:
         return model

@@ -24,8 +24,10 @@ class DecoderTrainConfig(TrainConfig):
     )
     pretrained_prior_model_name_or_path: str = field(
         default=DEFAULT_PRIOR,
-        metadata={"help": "The prior pipeline to generate with (never loaded here): it is named in the exported "
-                  "model card's `prior:` entry, so AutoPipelineForText2Image.from_pretrained(output_dir) finds it."},
+        metadata={"help": "The prior pipeline to generate with: it is named in the exported model card's `prior:` "
+                  "entry, so AutoPipelineForText2Image.from_pretrained(output_dir) finds it, and at validation its "
+                  "prior/ and scheduler/ (no CLIP) sample the image embeddings of the cache's validation prompts "
+                  "once, before step 1."},
     )
     resolution: int = field(
         default=512,
@@ -50,8 +52,9 @@ class DecoderTrainConfig(TrainConfig):
     )
     validation_images: int = field(
         default=4,
-        metadata={"help": "Held-out samples rendered at each validation into a grid PNG (generated from the cached "
-                  "image embedding next to the decoded cached latents). 0 disables images and never loads the MoVQ."},
+        metadata={"help": "Held-out samples rendered at each validation into a grid PNG (row 'generated' from the "
+                  "cached image embedding, row 'reference' the decoded cached latents); the cached validation "
+                  "prompts are rendered into a second grid. 0 disables images and never loads the MoVQ or the prior."},
     )
     validation_inference_steps: int = field(
         default=20, metadata={"help": "Denoising steps of the decoder pipeline when rendering validation images."}

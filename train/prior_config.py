@@ -58,6 +58,16 @@ class PriorTrainConfig(TrainConfig):
     validation_inference_steps: int = field(
         default=10, metadata={"help": "UnCLIPScheduler steps when sampling image embeddings at validation."}
     )
+    validation_decoder_inference_steps: int = field(
+        default=20,
+        metadata={"help": "Denoising steps of the decoder when rendering the validation prompts into images (with "
+                  "--pretrained_decoder_model_name_or_path); 20, as the diffusers script's validation."},
+    )
+    validation_resolution: Optional[int] = field(
+        default=None,
+        metadata={"help": "Size in pixels of the rendered validation images. Default: the cache's --resolution "
+                  "(a cache with decoder latents), else 512."},
+    )
     validation_guidance_scale: float = field(
         default=1.0,
         metadata={"help": "Classifier-free guidance scale at validation (uses the cached empty-caption encodings); "
@@ -68,5 +78,7 @@ class PriorTrainConfig(TrainConfig):
         super().__post_init__()
         if not 0.0 <= self.text_dropout <= 1.0:
             raise ValueError("--text_dropout must be in [0, 1]")
-        if self.validation_inference_steps <= 0:
-            raise ValueError("--validation_inference_steps must be positive")
+        if self.validation_inference_steps <= 0 or self.validation_decoder_inference_steps <= 0:
+            raise ValueError("--validation_inference_steps and --validation_decoder_inference_steps must be positive")
+        if self.validation_resolution is not None and self.validation_resolution <= 0:
+            raise ValueError("--validation_resolution must be positive")

@@ -10,7 +10,10 @@ their true image embedding. Three numbers, all mean cosine similarities over hel
   close to `cos_pred_true` means the caption is not being used.
 
 Cached `--validation_prompts` (encoded by precompute) are sampled too; each is printed with the
-held-out caption whose true embedding is nearest, and the embeddings are saved as .npy.
+held-out caption whose true embedding is nearest, and the embeddings are saved as .npy. With
+`--pretrained_decoder_model_name_or_path`, they are also rendered into images by that decoder (its
+UNet and MoVQ decoder half, no CLIP: train/render.py) and saved and logged as a grid labelled with
+the prompts, `output_dir/validation/prior-STEP.png`.
 """
 
 from __future__ import annotations
@@ -21,15 +24,20 @@ import os
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import PriorTransformer, UnCLIPScheduler
+from diffusers import PriorTransformer, UnCLIPScheduler, UNet2DConditionModel
 from diffusers.utils.torch_utils import randn_tensor
 
 from precompute import format as fmt
 from precompute import reader
 
+from .grids import labelled_grid, log_grid
 from .prior_trim import pad_to_longest
+from .render import DecoderParts, render
 
 logger = logging.getLogger(__name__)
+
+GRID_TAG = "validation/prior_prompts"  # tracker key of the prompt grid
+DEFAULT_IMAGE_SIZE = 512  # rendered size when the cache has no resolution (a prior-only cache)
 
 
 @torch.no_grad()
@@ -90,15 +98,32 @@ def embedding_metrics(pred: torch.Tensor, true: torch.Tensor) -> dict[str, float
     return metrics
 
 
-def _encodings(items: list[dict], max_length: int) -> dict[str, torch.Tensor]:
+def text_batch(items: list[dict], max_length: int) -> dict[str, torch.Tensor]:
     """Cached text encodings ({text_embeds [E], text_hidden [L, H]}) as a prior batch padded to `max_length`."""
     text_hidden, text_mask = pad_to_longest([item["text_hidden"] for item in items], max_length)  # [N, max_length, H]
     text_embeds = torch.from_numpy(np.stack([item["text_embeds"] for item in items]))  # [N, E]
     return {"text_embeds": text_embeds, "text_hidden": text_hidden, "text_mask": text_mask}
 
 
+def cached_prompts(manifest: fmt.Manifest, wanted: list[str] | None) -> list[dict]:
+    """The manifest's validation prompts (`reader.validation_prompts` items), or the `wanted` ones in that order.
+
+    Raises ValueError for a wanted prompt that precompute did not encode.
+    """
+    prompts = reader.validation_prompts(manifest)
+    if wanted is None:
+        return prompts
+    known = {p["prompt"]: p for p in prompts}
+    unknown = [p for p in wanted if p not in known]
+    if unknown:
+        raise ValueError(f"--validation_prompts {unknown} were not encoded by precompute (the manifest has "
+                         f"{sorted(known)}); add them with `kandinsky-precompute prompts --output_dir CACHE "
+                         "--validation_prompts ...`")
+    return [known[p] for p in wanted]
+
+
 class PriorValidation:
-    """Held-out data and prompts prepared once; `run` samples and scores them.
+    """Held-out data and prompts prepared once; `run` samples and scores them (and renders the prompts).
 
     `max_length`: the prior's text positions (num_embeddings), what the pipeline pads prompts to.
     Raises ValueError for `--validation_prompts` the manifest does not hold.
@@ -112,22 +137,31 @@ class PriorValidation:
         first = [{"text_embeds": s[fmt.TEXT_EMBEDS][0],
                   "text_hidden": fmt.split_hidden(s[fmt.TEXT_HIDDEN], s[fmt.TEXT_LENGTHS])[0]} for s in held_out]
         self.captions = [s[fmt.CAPTIONS][0] if fmt.CAPTIONS in s else "" for s in held_out]
-        self.held_out = _encodings(first, max_length) if first else None
+        self.held_out = text_batch(first, max_length) if first else None
         self.true = torch.from_numpy(np.stack([s[fmt.IMAGE_EMBEDS] for s in held_out])).float() if first else None
-        prompts = reader.validation_prompts(manifest)
-        if config.validation_prompts is not None:
-            known = {p["prompt"]: p for p in prompts}
-            unknown = [p for p in config.validation_prompts if p not in known]
-            if unknown:
-                raise ValueError(f"--validation_prompts {unknown} were not encoded by precompute (the manifest has "
-                                 f"{sorted(known)}); re-run precompute with them in its --validation_prompts")
-            prompts = [known[p] for p in config.validation_prompts]
+        prompts = cached_prompts(manifest, config.validation_prompts)
         self.prompt_texts = [p["prompt"] for p in prompts]
-        self.prompts = _encodings(prompts, max_length) if prompts else None
+        self.prompts = text_batch(prompts, max_length) if prompts else None
         self.empty_text = empty_text
+        self.zero_image_embeds = torch.from_numpy(reader.zero_image_embeds(manifest))  # [E]
+        self.image_size = config.validation_resolution or manifest.shapes.resolution or DEFAULT_IMAGE_SIZE
+        self.decoder: DecoderParts | None = None  # loaded at the first render
+        decoder = config.pretrained_decoder_model_name_or_path
+        if self.prompts is None:
+            if decoder is not None:
+                logger.info("the cache holds no validation prompts: nothing to render with %s (add prompts with "
+                            "`kandinsky-precompute prompts --output_dir CACHE --validation_prompts ...`)", decoder)
+        elif decoder is None:
+            logger.info("validation prompts are sampled as embeddings only: give --pretrained_decoder_model_name_or_path "
+                        "to render them into images")
+        else:  # refuse a decoder that cannot take these embeddings now, not at the first validation
+            unet_config = UNet2DConditionModel.load_config(decoder, subfolder="unet", cache_dir=config.cache_dir)
+            if unet_config.get("encoder_hid_dim") != manifest.shapes.embedding_dim:
+                raise ValueError(f"--pretrained_decoder_model_name_or_path {decoder} takes image embeddings of size "
+                                 f"{unet_config.get('encoder_hid_dim')}, the cache's are {manifest.shapes.embedding_dim}")
 
     def _uncond(self, n: int) -> dict[str, torch.Tensor]:
-        return _encodings([self.empty_text] * n, self.max_length)
+        return text_batch([self.empty_text] * n, self.max_length)
 
     def _sample(self, prior: PriorTransformer, cond: dict[str, torch.Tensor]) -> torch.Tensor:
         n = cond["text_embeds"].shape[0]
@@ -138,7 +172,7 @@ class PriorValidation:
                                    generator=generator).float().cpu()
 
     def run(self, prior: PriorTransformer, step: int, accelerator) -> dict[str, float]:
-        """The three held-out cosines of `prior` (see the module docstring); prompts are sampled and saved."""
+        """The three held-out cosines of `prior` (see the module docstring); prompts are sampled, saved, rendered."""
         was_training = prior.training
         prior.eval()
         metrics: dict[str, float] = {}
@@ -148,8 +182,27 @@ class PriorValidation:
             if self.prompts is not None:
                 embeds = self._sample(prior, self.prompts)  # [P, E]
                 self._report_prompts(embeds, step)
+                if self.config.pretrained_decoder_model_name_or_path is not None:
+                    self.render_prompts(embeds, step, accelerator, prior.device)
         prior.train(was_training)
         return metrics
+
+    def render_prompts(self, embeds: torch.Tensor, step: int, accelerator, device: torch.device) -> str:
+        """Render the prompts' image embeddings [P, E] with the decoder; save and log the labelled grid."""
+        if self.decoder is None:
+            self.decoder = DecoderParts.load(self.config.pretrained_decoder_model_name_or_path, device,
+                                             cache_dir=self.config.cache_dir, with_unet=True)
+        self.decoder.to(device)
+        images = render(self.decoder, embeds, self.zero_image_embeds.expand(len(embeds), -1), size=self.image_size,
+                        num_inference_steps=self.config.validation_decoder_inference_steps,
+                        seed=self.config.seed or 0)
+        if device.type != "cpu":
+            self.decoder.to(torch.device("cpu"))  # parked: the GPU memory is the trainee's between validations
+        grid = labelled_grid([images], column_labels=self.prompt_texts).image
+        path = os.path.join(self.config.output_dir, "validation", f"prior-{step:06d}.png")
+        grid.save(path)
+        log_grid(accelerator, grid, GRID_TAG, step)
+        return path
 
     def _report_prompts(self, embeds: torch.Tensor, step: int) -> None:
         folder = os.path.join(self.config.output_dir, "validation")

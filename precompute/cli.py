@@ -1,0 +1,22 @@
+"""The `kandinsky-precompute` command (also `python -m precompute`): the encoding job, or `prompts`.
+
+    kandinsky-precompute --train_data_dir DATA --output_dir CACHE ...     encode a dataset (precompute/main.py)
+    kandinsky-precompute prompts --output_dir CACHE --validation_prompts "a cat" ...
+                                                                           add prompts to a cache (prompts.py)
+"""
+
+from __future__ import annotations
+
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the job named by `argv` (default: the command line); returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["prompts"]:
+        from .prompts import main as prompts_main
+
+        return prompts_main(argv[1:])
+    from .main import main as job_main
+
+    return job_main(argv)
