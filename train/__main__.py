@@ -1,4 +1,4 @@
-"""`python -m train prior|decoder [flags]` (also under `accelerate launch -m train ...` or torchrun)."""
+"""`kandinsky-train prior|decoder [flags]`, also `python -m train ...` (and under `accelerate launch` or torchrun)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,12 @@ from .prior import PriorObjective  # noqa: E402
 
 # command -> objective class; each objective class names its config class (`config_class`).
 OBJECTIVES = {"prior": PriorObjective, "decoder": DecoderObjective}
-USAGE = "usage: python -m train {prior,decoder} [--help | flags]"
+CONSOLE_SCRIPT = "kandinsky-train"
+
+
+def program() -> str:
+    """How this process was invoked, for usage lines: the console script or `python -m train`."""
+    return CONSOLE_SCRIPT if os.path.basename(sys.argv[0]).startswith(CONSOLE_SCRIPT) else "python -m train"
 
 
 def load_objective_class(command: str) -> type:
@@ -32,13 +37,13 @@ def main(argv: list[str] | None = None) -> int:
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in OBJECTIVES:
-        print(USAGE, file=sys.stderr)
+        print(f"usage: {program()} {{prior,decoder}} [--help | flags]", file=sys.stderr)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     command, flags = argv[0], argv[1:]
     objective_class = load_objective_class(command)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     try:
-        config = parse_config(objective_class.config_class, flags, prog=f"python -m train {command}")
+        config = parse_config(objective_class.config_class, flags, prog=f"{program()} {command}")
     except ValueError as exc:  # a flag value refused by the config
         print(f"train {command}: error: {exc}", file=sys.stderr)
         return 2
