@@ -40,8 +40,13 @@ def open_input(config: PrecomputeConfig) -> tuple[Any | None, list[str] | None]:
         if not os.path.isdir(config.train_data_dir):
             raise UsageError(f"--train_data_dir {config.train_data_dir!r} is not a directory")
         return open_imagefolder(config.train_data_dir, config.image_column, config.caption_column), None
-    return open_hf_dataset(config.dataset_name, config.dataset_config_name, config.split, config.image_column,
-                           config.caption_column, cache_dir=config.cache_dir), None
+    try:
+        return open_hf_dataset(config.dataset_name, config.dataset_config_name, config.split, config.image_column,
+                               config.caption_column, cache_dir=config.cache_dir), None
+    except OSError as exc:  # ConnectionError (unreachable, offline), DatasetNotFoundError (a FileNotFoundError)
+        raise UsageError(f"--dataset_name {config.dataset_name!r} cannot be opened ({' '.join(str(exc).split())}): "
+                         "check the name, the network and HF_DATASETS_OFFLINE, or give a local --train_data_dir "
+                         "or --input_shards") from None
 
 
 def plan(config: PrecomputeConfig) -> tuple[Any | None, list[Unit]]:

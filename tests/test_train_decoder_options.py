@@ -149,7 +149,8 @@ def test_gradient_checkpointing_lowers_peak_memory(tiny_models, tmp_path):
         encoder_hid_dim=32, encoder_hid_dim_type="image_proj", addition_embed_type="image",
         addition_embed_type_num_heads=64, resnet_time_scale_shift="scale_shift", norm_num_groups=32,
     ).save_pretrained(decoder / "unet")
-    shutil.copytree(tiny_models[1] / "scheduler", decoder / "scheduler")
+    for name in ("scheduler", "movq"):  # a complete decoder folder: the trainer checks for both (train/paths.py)
+        shutil.copytree(tiny_models[1] / name, decoder / name)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     peaks = {}
     for enabled in (False, True):

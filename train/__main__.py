@@ -24,6 +24,12 @@ def program() -> str:
     return CONSOLE_SCRIPT if os.path.basename(sys.argv[0]).startswith(CONSOLE_SCRIPT) else "python -m train"
 
 
+def fail(command: str, exc: Exception, code: int) -> int:
+    """Print `exc` as the command's one error line (library messages often run over several); return `code`."""
+    print(f"train {command}: error: {' '.join(str(exc).split())}", file=sys.stderr)
+    return code
+
+
 def load_objective_class(command: str) -> type:
     """The objective class of `command` ("prior" or "decoder"); KeyError for another command."""
     return OBJECTIVES[command]
@@ -44,27 +50,20 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     try:
         config = parse_config(objective_class.config_class, flags, prog=f"{program()} {command}")
-    except ValueError as exc:  # a flag value refused by the config
-        print(f"train {command}: error: {exc}", file=sys.stderr)
-        return 2
-    try:
         repo_id = create_hub_repo(config) if config.push_to_hub and is_main_rank() else None
-    except HubError as exc:
-        print(f"train {command}: error: {exc}", file=sys.stderr)
-        return 2
+    except (ValueError, HubError) as exc:  # a flag value refused by the config; the hub refusing the repository
+        return fail(command, exc, 2)
     if repo_id is not None:
         config.hub_model_id = repo_id  # the full id (namespace/name): the model card's usage names it
     try:
         train(config, objective_class(config))
     except Refused as exc:
-        print(f"train {command}: error: {exc}", file=sys.stderr)
-        return 2
+        return fail(command, exc, 2)
     if repo_id is not None:
         try:
             push_output(config, repo_id)
         except HubError as exc:
-            print(f"train {command}: error: {exc}", file=sys.stderr)
-            return 1
+            return fail(command, exc, 1)
         print(f"Uploaded {config.output_dir} to https://huggingface.co/{repo_id}")
     return 0
 

@@ -20,13 +20,14 @@ from diffusers.utils.import_utils import is_xformers_available
 from precompute import format as fmt
 from precompute import reader
 
+from .card import hub_id, write_model_card
 from .decoder_config import DecoderTrainConfig
 from .decoder_validation import DecoderValidation
 from .diffusion import diffusion_mse, draw_noise_and_timesteps, prediction_target
-from .card import hub_id, write_model_card
 from .export import export_pipeline
 from .loader import load_validation
 from .objective import ObjectiveBase, refuse_unfit_cache
+from .paths import check_pipeline
 from .source import CacheSource
 
 logger = logging.getLogger(__name__)
@@ -166,7 +167,14 @@ class DecoderObjective(ObjectiveBase):
         self.source: CacheSource | None = None
 
     def load_model(self) -> UNet2DConditionModel:
-        """unet/ (with scheduler/ in `setup`): the only parts of the decoder loaded to train."""
+        """unet/ (with scheduler/ in `setup`): the only parts of the decoder loaded to train.
+
+        The model flags are checked first, each refused in one line (ValueError).
+        """
+        check_pipeline("pretrained_decoder_model_name_or_path", self.config.pretrained_decoder_model_name_or_path,
+                       (UNET_SUBFOLDER, "scheduler", "movq"), "decoder")
+        check_pipeline("pretrained_prior_model_name_or_path", self.config.pretrained_prior_model_name_or_path,
+                       ("prior", "scheduler"), "prior")
         unet = UNet2DConditionModel.from_pretrained(self.config.pretrained_decoder_model_name_or_path,
                                                     subfolder=UNET_SUBFOLDER, cache_dir=self.config.cache_dir)
         if self.config.enable_xformers_memory_efficient_attention:

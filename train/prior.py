@@ -17,11 +17,12 @@ from diffusers import DDPMScheduler, PriorTransformer
 from precompute import format as fmt
 from precompute import reader
 
-from .diffusion import diffusion_mse, draw_noise_and_timesteps, prediction_target
 from .card import hub_id, write_model_card
+from .diffusion import diffusion_mse, draw_noise_and_timesteps, prediction_target
 from .export import export_pipeline
 from .loader import load_validation
 from .objective import Bucketing, ObjectiveBase, refuse_unfit_cache
+from .paths import check_pipeline
 from .prior_config import DEFAULT_DECODER, PriorTrainConfig
 from .prior_trim import TrimmedPrior, pad_to_longest
 from .prior_validation import PriorValidation
@@ -177,6 +178,12 @@ class PriorObjective(ObjectiveBase):
                         "resolution (images are sized by precompute)", config.resolution)
 
     def load_model(self) -> PriorTransformer:
+        """prior/ of the prior pipeline, after a one-line check of the model flags (ValueError)."""
+        check_pipeline("pretrained_prior_model_name_or_path", self.config.pretrained_prior_model_name_or_path,
+                       (PRIOR_SUBFOLDER, "scheduler"), "prior")
+        if self.config.pretrained_decoder_model_name_or_path is not None:
+            check_pipeline("pretrained_decoder_model_name_or_path", self.config.pretrained_decoder_model_name_or_path,
+                           ("unet", "movq", "scheduler"), "decoder")
         prior = PriorTransformer.from_pretrained(self.config.pretrained_prior_model_name_or_path,
                                                  subfolder=PRIOR_SUBFOLDER, cache_dir=self.config.cache_dir)
         # Used only to (de)normalise, never in forward: trainable they would stall DDP's gradient reduction.

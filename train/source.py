@@ -45,6 +45,10 @@ def resolve_source(shards: list[str], manifest: str | None = None) -> CacheSourc
     Raises FileNotFoundError (no manifest, or a pattern matching nothing), ValueError (a shard the
     manifest does not list as a training shard) and the reader's FormatError.
     """
+    missing = [s for s in shards if "://" not in s and not set("*?[{") & set(s) and not os.path.exists(s)]
+    if missing:
+        raise FileNotFoundError(f"--shards {missing[0]}: no such directory or file; give the cache directory "
+                                "(precompute's --output_dir, holding manifest.json) or its shard files")
     if len(shards) == 1 and manifest is None and _is_cache_root(shards[0]):
         location = shards[0]
         loaded = reader.read_manifest(location)
