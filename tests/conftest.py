@@ -65,6 +65,20 @@ def read_cache(cache: str | Path, split: str | None = "train", keys: list[str] |
     return [by_key[key] for key in keys]
 
 
+def first_train_batch(cache: str | Path) -> list[str]:
+    """Source keys of the first training batch precompute formed for `cache` (batches never mix units: a unit's
+    first `batch_size` ids), for tests that compare with a reference computed on the very same batch."""
+    import json
+
+    from precompute import format as fmt
+    from precompute.config import PrecomputeConfig
+    from precompute.plan import make_plan
+
+    config = PrecomputeConfig(**json.loads((Path(cache) / fmt.MANIFEST_NAME).read_text())["config"])
+    unit = next(u for u in make_plan(config).units if u.split == fmt.TRAIN_SPLIT)
+    return [e.sid.rpartition(".")[0] for e in unit.entries[: config.batch_size]]
+
+
 def run_precompute(models: tuple[Path, Path], out: Path, *extra: str, source: list[str] | None = None) -> int:
     """Run `python -m precompute` in-process on the tiny models; returns the exit code."""
     from precompute.main import main
