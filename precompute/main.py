@@ -1,6 +1,6 @@
 """`python -m precompute`: encode a dataset once into WebDataset shards plus a manifest.
 
-Reads top to bottom: plan the input
+Reads top to bottom: take the output directory for this job (precompute/lock.py), plan the input
 (precompute/plan.py), load the encoders, compare the plan with what the directory holds (resume,
 refuse changed input, or --update: precompute/state.py), encode this rank's unpublished units
 (copying the records of unchanged samples), then rank 0 writes the manifest and drops the old
@@ -22,6 +22,7 @@ from tqdm.auto import tqdm  # noqa: E402
 from . import encode as enc  # noqa: E402
 from . import format as fmt  # noqa: E402
 from .config import PrecomputeConfig, parse_args  # noqa: E402
+from .lock import JobLost, LockHeld, acquire, checker  # noqa: E402
 from .manifest import build_manifest, check_or_record_run, encoder_identities, load_progress, wipe  # noqa: E402
 from .plan import Plan, assign, make_plan  # noqa: E402
 from .report import summarize  # noqa: E402
@@ -125,15 +126,21 @@ def run(config: PrecomputeConfig) -> int:
     if config.encode == "decoder" and config.validation_prompts:
         raise UsageError("--validation_prompts needs the text encoder: use --encode prior or all")
     check_output(config)
-    return _run(config, state, device)
+    lock = acquire(config.output_dir) if state.is_main_process else None
+    try:
+        return _run(config, state, device, _broadcast(lock.job["job"] if lock else None, state))
+    finally:
+        if lock is not None:
+            lock.release()
 
 
-def _run(config: PrecomputeConfig, state, device: torch.device) -> int:
+def _run(config: PrecomputeConfig, state, device: torch.device, job: str) -> int:
     plan = make_plan(config)
     models = load_models(config, device)
     identities = encoder_identities(config, models)
     check_or_record_run(config, identities, state)  # refuses another model/settings in the same dir
-    writer = CacheWriter(config.output_dir, config.samples_per_shard, rank=state.process_index)
+    writer = CacheWriter(config.output_dir, config.samples_per_shard, rank=state.process_index,
+                         check_job=checker(config.output_dir, job))
     stale = reconcile(config, plan, writer, state)
     cache = read_state(writer.fs, writer.root)
     todo = [u for u in plan.units if u.id not in cache.progress]
@@ -145,6 +152,7 @@ def _run(config: PrecomputeConfig, state, device: torch.device) -> int:
     state.wait_for_everyone()  # every rank's shards are closed and published before the merge
     if state.is_main_process:
         progress = load_progress(writer, plan.units)
+        writer.check_job()
         manifest = build_manifest(config, models, encoder_identities(config, models), progress)
         delete_units(writer.fs, writer.root, cache, [uid for uid in stale if uid in cache.progress])
         summarize(manifest, config.output_dir, encoded, copied, elapsed)
@@ -217,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = parse_args(argv)
         return run(config)
-    except (UsageError, ValueError, FileNotFoundError) as exc:
+    except (UsageError, LockHeld, JobLost, ValueError, FileNotFoundError) as exc:
         print(f"precompute: error: {exc}", file=sys.stderr)
         return 2
 

@@ -15,6 +15,7 @@ import torch
 from . import encode as enc
 from . import format as fmt
 from .config import INPUT_LOCATION, PrecomputeConfig
+from .lock import JOB_FILE, LOCK_FILE
 from .writer import PROGRESS_DIR, RUN_FILE, progress_name, write_json_atomic
 
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.json", "*.txt")
@@ -97,10 +98,11 @@ def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
 
 
 def wipe(fs, root: str, keep_run: bool = False) -> None:
-    """Delete everything in the output directory but, if asked, the run record."""
+    """Delete everything in the output directory but the job lock (precompute/lock.py) and, if asked, the run record."""
     run = fs.cat_file(posixpath.join(root, RUN_FILE)) if keep_run else None
     for path in fs.ls(root, detail=False):
-        fs.rm(path, recursive=True)
+        if posixpath.basename(path.rstrip("/")) not in (JOB_FILE, LOCK_FILE):
+            fs.rm(path, recursive=True)
     fs.makedirs(posixpath.join(root, PROGRESS_DIR), exist_ok=True)
     if run is not None:
         fs.pipe_file(posixpath.join(root, RUN_FILE), run)
