@@ -175,35 +175,40 @@ def encode_units(config, plan, units, loader, models, writer, state) -> tuple[in
 
 def _encode_loop(config, by_id, store, loader, models, writer, bar) -> tuple[int, int, float]:
     pending: dict[str, dict] = {}
+
+    def unit_of(uid: str) -> dict:
+        return pending.setdefault(uid, {"skips": [], "records": [], "encoded": 0, "copied": 0})
+
     encoded = copied = 0
     started = time.perf_counter()
     for batch in loader:
         if batch.fatal:
             raise UsageError(batch.fatal)
-        unit = pending.setdefault(batch.unit, {"skips": [], "records": [], "encoded": 0, "copied": 0})
-        unit["skips"] += batch.skipped
-        unit["records"] += batch.skipped_inputs
+        for uid, skip in batch.skipped:
+            unit_of(uid)["skips"].append(skip)
+        for uid, record in batch.skipped_inputs:
+            unit_of(uid)["records"].append(record)
         arrays = iter(encode_batch(batch, models, config) if batch.clip_pixel_values is not None else [])
         for sample in batch.samples:
-            key = fmt.record_key(batch.unit, unit["encoded"] + unit["copied"])
+            unit = unit_of(sample.unit)
+            key = fmt.record_key(sample.unit, unit["encoded"] + unit["copied"])
             if sample.copied is not None:
                 record, kind = {**sample.copied, "__key__": key}, "copied"
             else:
                 try:
                     record, kind = fmt.make_record(key, sample.captions, sample.meta, next(arrays), store), "encoded"
                 except OverflowError as exc:
-                    unit["skips"].append(fmt.Skip("image", sample.source, sample.member, str(exc)))
+                    unit["skips"].append(fmt.Skip("image", sample.source, sample.member, f"overflow: {exc}"))
                     unit["records"].append([sample.sid, sample.fp, None, sample.image_sha256])
                     continue
             unit[kind] += 1
             unit["records"].append([sample.sid, sample.fp, key, sample.image_sha256])
-            writer.put(batch.unit, sample.split, record)
+            writer.put(sample.unit, sample.split, record)
         encoded += sum(1 for s in batch.samples if s.copied is None)
         copied += sum(1 for s in batch.samples if s.copied is not None)
-        bar.update(len(batch.samples) + sum(1 for s in batch.skipped if s.kind == "image"))
-        if batch.last:
-            done = pending.pop(batch.unit)
-            writer.end_unit(batch.unit, done["skips"], _progress_fields(by_id[batch.unit], done))
+        bar.update(len(batch.samples) + sum(1 for _, s in batch.skipped if s.kind == "image"))
+        for uid in batch.ended:
+            writer.end_unit(uid, unit_of(uid)["skips"], _progress_fields(by_id[uid], pending.pop(uid)))
     writer.close()
     return encoded, copied, time.perf_counter() - started
 

@@ -1,9 +1,11 @@
 """The DataLoader stream that reads, decodes and preprocesses the units a rank encodes.
 
-Units come from precompute/plan.py. DataLoader workers take the rank's units round-robin and a
-worker never mixes units inside one batch, so every unit can be published on its own. A sample whose
-unchanged record lies in the old cache (`--update`) is not decoded: its record's members are read
-from the old shard, verified through the shard index, and handed on as they are.
+Units come from precompute/plan.py. DataLoader workers take the rank's units round-robin; a batch
+holds samples of one worker's consecutive units, in order, and names the units whose last sample it
+holds, so every unit is published on its own as soon as it is complete. A sample whose unchanged
+record lies in the old cache (`--update`) is not decoded: its record's members are read from the old
+shard, verified through the shard index, and handed on as they are. Only samples to encode count
+towards `--batch_size`, so the few samples an update encodes share forward passes across units.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from .wds_inputs import InterleavedTar, tar_items
 class Sample:
     """One image going into the cache: where its record goes, what it holds, where it came from."""
 
+    unit: str  # the id of the unit its record goes into
     sid: str  # the input's stable id (precompute/plan.py)
     fp: str  # the fingerprint its record is made from
     source: str  # report name of the input (relative path, tar URL, dataset split)
@@ -45,20 +48,20 @@ class Sample:
 
 @dataclass
 class Batch:
-    """What the stream hands the encoding loop: one unit's samples in order, and its report entries.
+    """What the stream hands the encoding loop: samples in unit order, report entries, units complete.
 
     `clip_pixel_values` / `pixel_values` hold the samples to encode (those without `copied`), in order.
-    The last batch of each unit has `last` True (and may hold no sample), so the loop knows when to
-    publish the unit. `fatal` is a refusal met while reading (an interleaved tar): the job stops with it.
+    `ended` names the units whose last sample (if any) is in this batch or an earlier one: the loop
+    publishes them after writing this batch. `fatal` is a refusal met while reading (an interleaved
+    tar): the job stops with it.
     """
 
-    unit: str
-    last: bool
     samples: list[Sample]
     clip_pixel_values: torch.Tensor | None  # [B, 3, 224, 224] CLIP input; None when nothing to encode
     pixel_values: torch.Tensor | None  # [B, 3, r, r] in [-1, 1] for MoVQ; None when nothing to encode or no MoVQ
-    skipped: list[fmt.Skip]
-    skipped_inputs: list[list]  # [sid, fp, None, image sha256] of each skipped image
+    skipped: list[tuple[str, fmt.Skip]]  # (unit, report entry)
+    skipped_inputs: list[tuple[str, list]]  # (unit, [sid, fp, None, image sha256]) of each skipped image
+    ended: list[str]
     fatal: str | None = None
 
 
@@ -76,7 +79,11 @@ def image_sha256(item: RawItem) -> str | None:
     return hashlib.sha256(item.image).hexdigest() if item.image is not None else None
 
 
-def prepare(item: RawItem, split: str, resolution: int | None, min_size: int, max_pixels: int) -> Prepared:
+COPY_BATCH = 256  # at most this many samples per batch (copied records), so that memory stays bounded
+
+
+def prepare(item: RawItem, unit: str, split: str, resolution: int | None, min_size: int, max_pixels: int
+            ) -> Prepared:
     """Decode and preprocess one raw item; raises BadImage/BadCaption for a sample to skip."""
     if item.error:
         raise BadImage(item.error)
@@ -86,7 +93,7 @@ def prepare(item: RawItem, split: str, resolution: int | None, min_size: int, ma
     pixel_values = decoder_transform(image, resolution) if resolution else None  # [3, r, r]
     digest = image_sha256(item)
     meta = {**item.meta, "width": image.width, "height": image.height, "image_sha256": digest}
-    sample = Sample(item.sid, item.fp, item.source, item.member, split, item.captions, meta, digest)
+    sample = Sample(unit, item.sid, item.fp, item.source, item.member, split, item.captions, meta, digest)
     return Prepared(sample, image, pixel_values)
 
 
@@ -108,7 +115,7 @@ class UnitStream(torch.utils.data.IterableDataset):
             for entry in unit.entries:
                 old = self.copies.get(entry.sid)
                 if old is not None and old.fp == entry.fp:
-                    yield self._copied(entry.sid, entry.fp, unit.split, old)  # not even read from the input
+                    yield self._copied(unit, entry.sid, entry.fp, old)  # not even read from the input
                 else:
                     yield self.source.item(entry.sid)
             return
@@ -120,7 +127,7 @@ class UnitStream(torch.utils.data.IterableDataset):
         for url, keys in wanted.items():
             yield from tar_items(url, self.caption_column, keys=keys)
 
-    def _copied(self, sid: str, fp: str, split: str, old: CopySource) -> Sample:
+    def _copied(self, unit: Unit, sid: str, fp: str, old: CopySource) -> Sample:
         """The unchanged record's members, read from its old shard and verified through the shard index."""
         url = posixpath.join(self.output_dir, old.shard)  # fsspec paths are posix on every backend
         if self._open is None or self._open[0] != url:
@@ -132,52 +139,53 @@ class UnitStream(torch.utils.data.IterableDataset):
         _, handle, index = self._open
         (_, _, members), = read_records(handle, index, url, [old.position])
         meta = fmt.decode_member(fmt.META, members[fmt.META])
-        return Sample(sid, fp, meta.get("source", sid), meta.get("member"), split,
+        return Sample(unit.id, sid, fp, meta.get("source", sid), meta.get("member"), unit.split,
                       fmt.decode_member(fmt.CAPTIONS, members[fmt.CAPTIONS]), meta, meta.get("image_sha256"),
                       copied=members)
 
-    def _batch(self, unit: Unit, ready: list[Prepared], skipped: list, inputs: list, last: bool) -> Batch:
+    def _batch(self, ready: list[Prepared], skipped: list, inputs: list, ended: list[str]) -> Batch:
         todo = [p for p in ready if p.sample.copied is None]
         clip = self.clip_preprocess([p.image for p in todo]) if todo else None  # [B, 3, 224, 224]
         pixels = torch.stack([p.pixel_values for p in todo]) if todo and self.resolution else None
-        return Batch(unit.id, last, [p.sample for p in ready], clip, pixels, skipped, inputs)
+        return Batch([p.sample for p in ready], clip, pixels, skipped, inputs, ended)
 
-    def _unit_batches(self, unit: Unit) -> Iterator[Batch]:
-        ready: list[Prepared] = []
-        skipped: list[fmt.Skip] = []
-        inputs: list[list] = []
-        for item in self._items(unit):
-            if isinstance(item, fmt.Skip):
-                skipped.append(item)
-                continue
-            if isinstance(item, Sample):
-                ready.append(Prepared(item))
-            else:
-                old = self.copies.get(item.sid)
-                try:
-                    if old is not None and old.fp == item.fp and item.error is None:
-                        ready.append(Prepared(self._copied(item.sid, item.fp, unit.split, old)))
-                    else:
-                        ready.append(prepare(item, unit.split, self.resolution, self.min_size, self.max_pixels))
-                except (BadImage, BadCaption) as exc:
-                    skipped.append(fmt.Skip("image", item.source, item.member, str(exc)))
-                    inputs.append([item.sid, item.fp, None, image_sha256(item)])
-            if len(ready) == self.batch_size:
-                yield self._batch(unit, ready, skipped, inputs, last=False)
-                ready, skipped, inputs = [], [], []
-        yield self._batch(unit, ready, skipped, inputs, last=True)
+    def _take(self, unit: Unit, item: RawItem | fmt.Skip | Sample, ready: list, skipped: list, inputs: list) -> None:
+        """Add one item of `unit` to the pending batch: a report entry, a copied record, or a decoded image."""
+        if isinstance(item, fmt.Skip):
+            skipped.append((unit.id, item))
+        elif isinstance(item, Sample):
+            ready.append(Prepared(item))
+        else:
+            old = self.copies.get(item.sid)
+            try:
+                if old is not None and old.fp == item.fp and item.error is None:
+                    ready.append(Prepared(self._copied(unit, item.sid, item.fp, old)))
+                else:
+                    ready.append(prepare(item, unit.id, unit.split, self.resolution, self.min_size, self.max_pixels))
+            except (BadImage, BadCaption) as exc:
+                skipped.append((unit.id, fmt.Skip("image", item.source, item.member, str(exc))))
+                inputs.append((unit.id, [item.sid, item.fp, None, image_sha256(item)]))
 
     def __iter__(self) -> Iterator[Batch]:
         info = torch.utils.data.get_worker_info()
         units = self.units[info.id :: info.num_workers] if info else self.units
-        for unit in units:
-            try:
-                yield from self._unit_batches(unit)
-            except InterleavedTar as exc:
-                yield Batch(unit.id, True, [], None, None, [], [], fatal=str(exc))
-                return
-        if self._open is not None:
-            self._open[1].close()
+        ready, skipped, inputs, ended = [], [], [], []
+        try:
+            for unit in units:
+                for item in self._items(unit):
+                    self._take(unit, item, ready, skipped, inputs)
+                    encode = sum(1 for p in ready if p.sample.copied is None)
+                    if encode == self.batch_size or len(ready) >= max(COPY_BATCH, self.batch_size):
+                        yield self._batch(ready, skipped, inputs, ended)
+                        ready, skipped, inputs, ended = [], [], [], []
+                ended.append(unit.id)
+            yield self._batch(ready, skipped, inputs, ended)
+        except InterleavedTar as exc:
+            yield Batch([], None, None, [], [], [], fatal=str(exc))
+        finally:
+            if self._open is not None:
+                self._open[1].close()
+                self._open = None
 
 
 def collate_identity(batch: Batch) -> Batch:

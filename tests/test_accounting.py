@@ -123,7 +123,7 @@ def account(config: PrecomputeConfig) -> tuple[Counter, Counter, list[fmt.Skip],
         for sample in batch.samples:
             encoded[(sample.source, sample.member)] += 1
             splits[sample.split] += 1
-        for skip in batch.skipped:
+        for _, skip in batch.skipped:
             (skipped.__setitem__((skip.source, skip.member), skipped[(skip.source, skip.member)] + 1)
              if skip.kind == "image" else other.append(skip))
     return encoded, skipped, other, splits

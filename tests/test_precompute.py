@@ -203,7 +203,8 @@ def test_stream_factory_gives_the_batches_precompute_encoded(tiny_models, sample
         if batch.samples:
             assert batch.pixel_values.shape == (len(batch.samples), 3, 64, 64)
             assert batch.clip_pixel_values.shape[0] == len(batch.samples)
-        seen.setdefault(batch.unit, []).extend(sample.meta["key"] for sample in batch.samples)
+        for sample in batch.samples:
+            seen.setdefault(sample.unit, []).append(sample.meta["key"])
     assert list(seen) == [u.id for u in plan.units] == list(manifest["units"])
     for unit in plan.units:
         (url,) = [u for u in reader.shard_urls(manifest, str(tiny_cache), unit.split) if unit.id in u]
