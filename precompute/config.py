@@ -135,8 +135,8 @@ class PrecomputeConfig:
                   "needs e.g. --max_image_pixels 120000000). Applied per image; Pillow's global is left alone."},
     )
     max_samples: Optional[int] = field(
-        default=None, metadata={"help": "Encode only the first N rows of --dataset_name/--train_data_dir "
-                                "(quick trials; with --input_shards, pass fewer shards)."}
+        default=None, metadata={"help": "Encode only the first N rows of --dataset_name, or the first N images of "
+                                "--train_data_dir in path order (quick trials; with --input_shards, pass fewer shards)."}
     )
     overwrite: bool = field(
         default=False,

@@ -136,6 +136,8 @@ def refusal(changes: Changes, complete: bool, output_dir: str) -> str:
     if changes.mismatched:
         counts += f" ({len(changes.mismatched)} unit(s) with the same sizes and times but other bytes)"
     when = "since it was written" if complete else "since the interrupted run (inputs not yet encoded count as added)"
+    if changes.what == "rows":  # a hub dataset: rows have no identity to update by
+        return f"{output_dir}: the dataset changed {when}; re-run with --overwrite to encode it again"
     return (f"{output_dir}: the input changed {when}: {counts}; re-run with --update to encode only what changed "
             "and keep the rest, or with --overwrite to start over")
 

@@ -232,3 +232,18 @@ def test_an_edit_between_a_crash_and_the_rerun_is_refused_then_updated(tiny_mode
     for source, sample in got.items():
         for name in ARRAYS:
             np.testing.assert_allclose(sample[name], want[source][name], rtol=0, atol=1e-6)
+
+
+def test_a_changed_hub_dataset_is_refused_and_overwrite_encodes_it_again(tiny_models, sample_data, tmp_path,
+                                                                          capsys):
+    make_folder(tmp_path / "data", sample_data, sample_data["keys"][:4])
+    cache, source = tmp_path / "cache", ["--dataset_name", str(tmp_path / "data"), "--cache_dir", str(tmp_path / "hf")]
+    assert run(tiny_models, cache, capsys, source=source)[0] == 0
+    rows = rows_of(tmp_path / "data")
+    rows[0]["text"] = ["edited"]  # one type in every row: datasets fails on a mix (precompute reads folders itself)
+    write_rows(tmp_path / "data", rows)
+    code, printed = run(tiny_models, cache, capsys, source=source)
+    assert code == 2 and "the dataset changed since it was written" in printed and "--overwrite" in printed
+    assert run(tiny_models, cache, capsys, "--overwrite", source=source)[0] == 0
+    assert by_source(cache)  # encoded again from the new rows
+    assert ["edited"] in [s[fmt.CAPTIONS] for s in by_source(cache).values()]
