@@ -79,7 +79,9 @@ def image_sha256(item: RawItem) -> str | None:
     return hashlib.sha256(item.image).hexdigest() if item.image is not None else None
 
 
-COPY_BATCH = 256  # at most this many samples per batch (copied records), so that memory stays bounded
+# A batch holds at most this many bytes of copied records, so that memory stays bounded (with workers,
+# DataLoader keeps 2 batches per worker in flight) while an update's few new images still share batches.
+COPY_BYTES = 32 << 20
 
 
 def prepare(item: RawItem, unit: str, split: str, resolution: int | None, min_size: int, max_pixels: int
@@ -138,10 +140,9 @@ class UnitStream(torch.utils.data.IterableDataset):
             self._open = (url, fsspec.open(url, "rb").open(), index)
         _, handle, index = self._open
         (_, _, members), = read_records(handle, index, url, [old.position])
-        meta = fmt.decode_member(fmt.META, members[fmt.META])
-        return Sample(unit.id, sid, fp, meta.get("source", sid), meta.get("member"), unit.split,
-                      fmt.decode_member(fmt.CAPTIONS, members[fmt.CAPTIONS]), meta, meta.get("image_sha256"),
-                      copied=members)
+        meta = fmt.decode_member(fmt.META, members[fmt.META])  # captions stay bytes: nothing encodes them again
+        return Sample(unit.id, sid, fp, meta.get("source", sid), meta.get("member"), unit.split, [], meta,
+                      meta.get("image_sha256"), copied=members)
 
     def _batch(self, ready: list[Prepared], skipped: list, inputs: list, ended: list[str]) -> Batch:
         todo = [p for p in ready if p.sample.copied is None]
@@ -149,35 +150,41 @@ class UnitStream(torch.utils.data.IterableDataset):
         pixels = torch.stack([p.pixel_values for p in todo]) if todo and self.resolution else None
         return Batch([p.sample for p in ready], clip, pixels, skipped, inputs, ended)
 
-    def _take(self, unit: Unit, item: RawItem | fmt.Skip | Sample, ready: list, skipped: list, inputs: list) -> None:
-        """Add one item of `unit` to the pending batch: a report entry, a copied record, or a decoded image."""
+    def _take(self, unit: Unit, item: RawItem | fmt.Skip | Sample, skipped: list, inputs: list) -> Prepared | None:
+        """One item of `unit` for the pending batch: a copied record or a decoded image (None: reported instead)."""
         if isinstance(item, fmt.Skip):
             skipped.append((unit.id, item))
-        elif isinstance(item, Sample):
-            ready.append(Prepared(item))
-        else:
-            old = self.copies.get(item.sid)
-            try:
-                if old is not None and old.fp == item.fp and item.error is None:
-                    ready.append(Prepared(self._copied(unit, item.sid, item.fp, old)))
-                else:
-                    ready.append(prepare(item, unit.id, unit.split, self.resolution, self.min_size, self.max_pixels))
-            except (BadImage, BadCaption) as exc:
-                skipped.append((unit.id, fmt.Skip("image", item.source, item.member, str(exc))))
-                inputs.append((unit.id, [item.sid, item.fp, None, image_sha256(item)]))
+            return None
+        if isinstance(item, Sample):
+            return Prepared(item)
+        old = self.copies.get(item.sid)
+        try:
+            if old is not None and old.fp == item.fp and item.error is None:
+                return Prepared(self._copied(unit, item.sid, item.fp, old))
+            return prepare(item, unit.id, unit.split, self.resolution, self.min_size, self.max_pixels)
+        except (BadImage, BadCaption) as exc:
+            skipped.append((unit.id, fmt.Skip("image", item.source, item.member, str(exc))))
+            inputs.append((unit.id, [item.sid, item.fp, None, image_sha256(item)]))
+            return None
 
     def __iter__(self) -> Iterator[Batch]:
         info = torch.utils.data.get_worker_info()
         units = self.units[info.id :: info.num_workers] if info else self.units
         ready, skipped, inputs, ended = [], [], [], []
+        encode = copied = 0  # samples to encode, bytes of copied records in the pending batch
         try:
             for unit in units:
                 for item in self._items(unit):
-                    self._take(unit, item, ready, skipped, inputs)
-                    encode = sum(1 for p in ready if p.sample.copied is None)
-                    if encode == self.batch_size or len(ready) >= max(COPY_BATCH, self.batch_size):
+                    taken = self._take(unit, item, skipped, inputs)
+                    if taken is not None:
+                        ready.append(taken)
+                        if taken.sample.copied is None:
+                            encode += 1
+                        else:
+                            copied += sum(map(len, taken.sample.copied.values()))
+                    if encode == self.batch_size or copied >= COPY_BYTES:
                         yield self._batch(ready, skipped, inputs, ended)
-                        ready, skipped, inputs, ended = [], [], [], []
+                        ready, skipped, inputs, ended, encode, copied = [], [], [], [], 0, 0
                 ended.append(unit.id)
             yield self._batch(ready, skipped, inputs, ended)
         except InterleavedTar as exc:
