@@ -4,8 +4,9 @@
    path (size, modification time, caption cell), hub rows by number (datasets' fingerprint), input
    tars by URL (size, modification time or ETag).
 2. The holdout (`--holdout_samples N`) takes N *usable* samples (decoded and captioned, checked now):
-   map-style inputs in order of the sha256 of their ids; tars in order of the sha256 of their URLs,
-   samples in tar order. Adding or editing other inputs leaves the choice as it is.
+   map-style inputs in order of the sha256 of their ids (the held-out units then hold them in id
+   order); tars in order of the sha256 of their URLs, samples in tar order. Adding or editing other
+   inputs leaves the choice as it is.
 3. The rest is cut into units: map-style samples in id order at content-defined boundaries (a sample
    whose id hash is 0 mod `samples_per_shard // 8` ends a unit once it holds 3/4 of
    `samples_per_shard`; a unit never holds more), so an added or removed sample changes its own unit
@@ -126,6 +127,7 @@ def plan_map(config: PrecomputeConfig, source: ImageFolder | DatasetInputs, kind
         if found < config.holdout_samples:
             raise _holdout_error(config, found, len(entries), "inputs")
     held = {e.sid for e in taken}
+    taken = [e for e in entries if e.sid in held]  # a unit holds its inputs in id order, held-out ones too
     rest = [e for e in entries if e.sid not in held]
     size = config.samples_per_shard
     units = [_unit(fmt.VALIDATION_SPLIT, entries=tuple(c)) for c in chunks(taken, size, lambda e: e.sid)]
