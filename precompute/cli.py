@@ -1,8 +1,9 @@
-"""The `kandinsky-precompute` command (also `python -m precompute`): the encoding job, or `prompts`.
+"""The `kandinsky-precompute` command (also `python -m precompute`): the encoding job, `prompts` or `report`.
 
     kandinsky-precompute --train_data_dir DATA --output_dir CACHE ...     encode a dataset (precompute/main.py)
     kandinsky-precompute prompts --output_dir CACHE --validation_prompts "a cat" ...
                                                                            add prompts to a cache (prompts.py)
+    kandinsky-precompute report CACHE                                      list every input not encoded (report.py)
 """
 
 from __future__ import annotations
@@ -17,6 +18,10 @@ def main(argv: list[str] | None = None) -> int:
         from .prompts import main as prompts_main
 
         return prompts_main(argv[1:])
+    if argv[:1] == ["report"]:
+        from .report import report_main
+
+        return report_main(argv[1:])
     from .main import main as job_main
 
     return job_main(argv)

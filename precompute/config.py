@@ -10,6 +10,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
+from .images import DEFAULT_MAX_IMAGE_PIXELS
+
 DEFAULT_PRIOR = "kandinsky-community/kandinsky-2-2-prior"
 DEFAULT_DECODER = "kandinsky-community/kandinsky-2-2-decoder"
 MIN_IMAGE_SIZE = 8  # px on the short side; smaller images carry no usable content
@@ -29,7 +31,13 @@ NOT_FINGERPRINTED = {
     "num_workers": "how many processes decode images; the units and their order are fixed",
     "device": "where the encoders run: like batch_size, it may change the last bits, never what is encoded",
     "overwrite": "what to do with a cache made with other settings, not what the new one holds",
+    "update": "what to do with a cache of other input, not what the new one holds",
+    "verify_inputs": "how changed input is detected (content hashes instead of sizes and times), not what is encoded",
 }
+# Where the input lies. Without --update they are fingerprinted like any setting; under --update they
+# leave the fingerprint: the per-unit input fingerprints (precompute/plan.py) say what changed.
+INPUT_LOCATION = ("train_data_dir", "input_shards")
+DEFAULT_CAPTION_COLUMN = "text"  # of --dataset_name / --train_data_dir (the diffusers scripts' default)
 
 
 @dataclass
@@ -64,14 +72,18 @@ class PrecomputeConfig:
     )
     input_shards: Optional[str] = field(
         default=None,
-        metadata={"help": "img2dataset-style WebDataset tars (KEY.jpg/png/webp, KEY.txt, KEY.json): a local glob, "
-                  "a brace pattern such as data/{00000..00099}.tar, or fsspec URLs; several separated by spaces."},
+        metadata={"help": "img2dataset-style WebDataset tars (KEY.jpg/png/webp/..., KEY.txt, KEY.json): a local glob, "
+                  "a brace pattern such as data/{00000..00099}.tar, fsspec URLs (several separated by spaces), or an "
+                  "img2dataset output folder (its *.tar are read; .parquet and _stats.json are ignored). A sample's "
+                  "key is a member name up to its last extension (a.b.jpg -> a.b)."},
     )
     image_column: str = field(default="image", metadata={"help": "Column of the dataset holding the image."})
-    caption_column: str = field(
-        default="text",
-        metadata={"help": "Column holding the caption: a string or a list of strings (all are kept). For "
-                  "--input_shards: the key of KEY.json to read, else KEY.txt."},
+    caption_column: Optional[str] = field(
+        default=None,
+        metadata={"help": "Column holding the caption: a string or a list of strings (all are kept); default 'text'. "
+                  "For --input_shards: a field of KEY.json or a member KEY.<name> (an error if no sample has it); "
+                  "default: KEY.json's 'text', else its 'caption' (img2dataset; a list there wins over newline-joined "
+                  "KEY.txt), else KEY.txt."},
     )
     cache_dir: Optional[str] = field(default=None, metadata={"help": "datasets cache directory."})
     encode: Literal["all", "prior", "decoder"] = field(
@@ -92,8 +104,10 @@ class PrecomputeConfig:
     samples_per_shard: int = field(default=1000, metadata={"help": "Images per output tar shard."})
     holdout_samples: int = field(
         default=0,
-        metadata={"help": "The first N input samples go to separate validation shards (split 'validation' in "
-                  "the manifest) instead of training shards."},
+        metadata={"help": "N encoded samples go to separate validation shards (split 'validation') instead of "
+                  "training shards: those whose ids have the smallest sha256 (input tars: the first usable ones "
+                  "of the tars whose URLs have the smallest sha256), so the choice is stable under --update. "
+                  "Refused when fewer than N inputs are usable."},
     )
     validation_prompts: list[str] = field(
         default_factory=list,
@@ -114,14 +128,32 @@ class PrecomputeConfig:
     min_image_size: int = field(
         default=MIN_IMAGE_SIZE, metadata={"help": "Images whose shorter side is below this many pixels are skipped."}
     )
+    max_image_pixels: int = field(
+        default=DEFAULT_MAX_IMAGE_PIXELS,
+        metadata={"help": "Images declaring more pixels than this are skipped (decompression bombs) before any "
+                  "decoding; 0 = no limit. The default is Pillow's warning threshold (a 102-megapixel photo "
+                  "needs e.g. --max_image_pixels 120000000). Applied per image; Pillow's global is left alone."},
+    )
     max_samples: Optional[int] = field(
-        default=None, metadata={"help": "Encode only the first N rows of --dataset_name/--train_data_dir "
-                                "(quick trials; with --input_shards, pass fewer shards)."}
+        default=None, metadata={"help": "Encode only the first N rows of --dataset_name, or the first N images of "
+                                "--train_data_dir in path order (quick trials; with --input_shards, pass fewer shards)."}
     )
     overwrite: bool = field(
         default=False,
         metadata={"help": "Delete an existing cache in --output_dir made with other models or settings, instead "
                   "of refusing."},
+    )
+    update: bool = field(
+        default=False,
+        metadata={"help": "Bring an existing cache up to date with changed input: encode only changed and added "
+                  "samples, copy the records of unchanged ones from the old shards, drop removed ones. Without "
+                  "it a re-run on changed input refuses, saying what changed. --input_shards/--train_data_dir "
+                  "may then differ from the first run's. Not for --dataset_name (rows have no stable identity)."},
+    )
+    verify_inputs: bool = field(
+        default=False,
+        metadata={"help": "Detect changed input by re-hashing every image (sha256, compared with the records') "
+                  "instead of trusting file sizes and modification times (object ETags)."},
     )
 
     def __post_init__(self) -> None:
@@ -136,19 +168,33 @@ class PrecomputeConfig:
         if self.max_samples is not None and self.input_shards:
             raise ValueError("--max_samples applies to --dataset_name/--train_data_dir; with --input_shards "
                              "pass fewer shards instead")
-        if self.holdout_samples < 0 or self.num_workers < 0:
-            raise ValueError("--holdout_samples and --num_workers must be >= 0")
+        if self.holdout_samples < 0 or self.num_workers < 0 or self.max_image_pixels < 0:
+            raise ValueError("--holdout_samples, --num_workers and --max_image_pixels must be >= 0")
+        if self.update and self.dataset_name:
+            raise ValueError("--update needs inputs with a stable identity: rows of --dataset_name have none; "
+                             "use --overwrite to encode it again, or give --train_data_dir / --input_shards")
+        if self.update and self.overwrite:
+            raise ValueError("--update keeps what is still valid, --overwrite deletes everything: pass one of them")
+
+    @property
+    def captions_from(self) -> str | None:
+        """The caption column the input is read with (None: tar defaults, see --caption_column's help)."""
+        if self.caption_column is None and not self.input_shards:
+            return DEFAULT_CAPTION_COLUMN
+        return self.caption_column
 
     def to_dict(self) -> dict:
         """Every field, as the manifest's `config` records it."""
         return dataclasses.asdict(self)
 
-    def fingerprint(self) -> dict:
+    def fingerprint(self, *, with_location: bool = True) -> dict:
         """The settings that decide shard contents: every field but those of NOT_FINGERPRINTED.
 
-        A re-run must match them to resume into the same directory.
+        A re-run must match them to resume into the same directory. `with_location=False` (under
+        --update) also leaves out INPUT_LOCATION: the per-unit input fingerprints take their place.
         """
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in NOT_FINGERPRINTED}
+        left_out = set(NOT_FINGERPRINTED) | (set() if with_location else set(INPUT_LOCATION))
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in left_out}
 
 
 def parse_args(argv: list[str] | None = None) -> PrecomputeConfig:

@@ -19,6 +19,7 @@ from .npy import FormatError, decode_array, encode_array  # noqa: F401 - part of
 FORMAT = "kandinsky22-embedding-cache"
 VERSION = 2  # 2: per-shard index files (record offsets + sha256), see precompute/shard_index.py
 MANIFEST_NAME = "manifest.json"
+REPORT_DIR = "report"  # one JSON-lines file per unit with something to report (see `report_name`)
 
 # Member names (the part after the sample key in the tar, e.g. "000042.image_embeds.npy").
 CAPTIONS = "captions.json"  # list of the C caption strings
@@ -27,7 +28,8 @@ TEXT_HIDDEN = "text_hidden.npy"  # [sum(L_i), H] last_hidden_state, padding trim
 TEXT_LENGTHS = "text_lengths.npy"  # [C] int32: L_i = number of real tokens (attention-mask sum)
 IMAGE_EMBEDS = "image_embeds.npy"  # [E] CLIP vision image_embeds, raw (not clip_mean/clip_std-normalised)
 LATENTS = "latents.npy"  # [4, r/8, r/8] movq.encode(x).latents, unquantised, no scaling factor
-META = "json"  # {"key": source key, "source": ..., "width": ..., "height": ...}
+META = "json"  # {"key", "source", "width", "height", "image_sha256", ...}: see docs/cache-format.md
+INPUT_JSON = "input_json"  # META field holding an input tar sample's own .json (img2dataset: url, sha256, ...)
 
 PRIOR_MEMBERS = (CAPTIONS, TEXT_EMBEDS, TEXT_HIDDEN, TEXT_LENGTHS, IMAGE_EMBEDS)
 DECODER_MEMBERS = (IMAGE_EMBEDS, LATENTS)
@@ -47,14 +49,25 @@ VALIDATION_SPLIT = "validation"
 SPLITS = (TRAIN_SPLIT, VALIDATION_SPLIT)
 
 
-def record_key(unit: int, position: int) -> str:
-    """The `__key__` of a record: its unit and its position among the unit's written records."""
-    return f"{unit:06d}_{position:06d}"
+# A unit's id is the content address of its inputs: the first UNIT_ID_CHARS hex digits of a sha256
+# over what the unit reads (see precompute/plan.py), so the same inputs give the same names on every
+# run and an edited unit gets new ones (an update never overwrites a file the old cache lists).
+UNIT_ID_CHARS = 16
 
 
-def shard_name(split: str, unit: int, chunk: int) -> str:
-    """File name of a published shard: chunk `chunk` of unit `unit`'s records of one split."""
-    return f"{split}-{unit:06d}-{chunk:03d}.tar"
+def record_key(unit: str, position: int) -> str:
+    """The `__key__` of a record: its unit id and its position among the unit's written records."""
+    return f"{unit}_{position:06d}"
+
+
+def shard_name(split: str, unit: str, chunk: int) -> str:
+    """File name of a published shard: chunk `chunk` of unit `unit`'s records (one split per unit)."""
+    return f"{split}-{unit}-{chunk:03d}.tar"
+
+
+def report_name(unit: str) -> str:
+    """Path, relative to the cache, of a unit's report: one `Skip` JSON object per line."""
+    return f"{REPORT_DIR}/unit-{unit}.jsonl"
 
 
 def make_record(key: str, captions: list[str], meta: dict, arrays: dict[str, np.ndarray], store) -> dict:
@@ -189,12 +202,29 @@ class ShardEntry(_Record):
     index: IndexEntry = field(metadata=_one(IndexEntry))
 
 
+SKIP_KINDS = ("image", "tar", "entry")  # an image not encoded; a tar (or its end) unreadable; anything else
+
+
 @dataclass(frozen=True)
 class Skip(_Record):
-    """An input that was not encoded, and why."""
+    """A line of a unit's report: an input that is not in the cache, named by its source, and why.
 
-    key: str
+    `kind` "image": an image input that was not encoded (counted in `Totals.skipped`); "tar": an input
+    tar, or its part after `member`, that could not be read (`Totals.unreadable`); "entry": anything
+    else not used, e.g. a metadata line naming no file or a caption member without an image
+    (`Totals.other`). `source` is the path relative to the input root (imagefolder), the tar URL, or
+    the dataset split; `member` the tar member (or "row N") when there is one, else None.
+    """
+
+    kind: str
+    source: str
+    member: str | None
     reason: str
+
+    def line(self) -> str:
+        """One human-readable line: `skipped SOURCE[ MEMBER]: reason` (unreadable tars say so)."""
+        where = self.source if self.member is None else f"{self.source} {self.member}"
+        return f"{'unreadable' if self.kind == 'tar' else 'skipped'} {where}: {self.reason}"
 
 
 @dataclass(frozen=True)
@@ -217,25 +247,33 @@ class SplitTotals(_Record):
 
 @dataclass(frozen=True)
 class Totals(_Record):
-    """Counts over the published shards; `skipped` counts inputs not encoded."""
+    """Counts of the inputs and the published shards: `images == samples + skipped` always.
 
+    `images` image inputs seen, `samples` encoded (in the shards), `skipped` images not encoded,
+    `unreadable` input tars (or tar ends) that could not be read, `other` report entries that are not
+    images (see `Skip`). Every one of them is named in a report file (`Manifest.reports`).
+    """
+
+    images: int
+    samples: int
     skipped: int
+    unreadable: int
+    other: int
     train: SplitTotals = field(metadata=_one(SplitTotals))
     validation: SplitTotals = field(metadata=_one(SplitTotals))
-    samples: int
     shards: int
     bytes: int
     bytes_per_sample: float
 
     @classmethod
-    def of(cls, shards: tuple[ShardEntry, ...], skipped: int) -> Totals:
-        """Totals of the published shards."""
+    def of(cls, shards: tuple[ShardEntry, ...], skipped: int, unreadable: int = 0, other: int = 0) -> Totals:
+        """Totals of the published shards and the reported inputs."""
         split = {name: SplitTotals(sum(s.count for s in shards if s.split == name),
                                    sum(1 for s in shards if s.split == name),
                                    sum(s.bytes for s in shards if s.split == name)) for name in SPLITS}
         samples, size = sum(t.samples for t in split.values()), sum(s.bytes for s in shards)
-        return cls(skipped, split[TRAIN_SPLIT], split[VALIDATION_SPLIT], samples, len(shards), size,
-                   size / max(samples, 1))
+        return cls(samples + skipped, samples, skipped, unreadable, other, split[TRAIN_SPLIT],
+                   split[VALIDATION_SPLIT], len(shards), size, size / max(samples, 1))
 
 
 @dataclass(frozen=True)
@@ -296,9 +334,10 @@ class Manifest(_Record):
     encoders: dict[str, EncoderIdentity] = field(metadata=_named(EncoderIdentity))
     preprocessing: dict  # a description for people; no reader relies on it
     shapes: Shapes = field(metadata=_one(Shapes))
+    units: tuple[str, ...]  # ids of the input units the cache holds (see UNIT_ID_CHARS)
     shards: tuple[ShardEntry, ...] = field(metadata=_many(ShardEntry))
     totals: Totals = field(metadata=_one(Totals))
-    skipped: tuple[Skip, ...] = field(metadata=_many(Skip))
+    reports: tuple[str, ...]  # report files (relative names) of the units with something to report
     unconditional: Unconditional = field(metadata=_one(Unconditional))
     validation_prompts: tuple[PromptEncoding, ...] = field(metadata=_many(PromptEncoding))
 

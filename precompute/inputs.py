@@ -1,16 +1,16 @@
-"""The three input kinds (hub dataset, imagefolder, img2dataset WebDataset) as one stream of RawItems.
+"""What every input kind hands the job: RawItems (one per image input) and caption normalisation.
 
-Nothing here decodes an image or raises on a bad row: a row that cannot be used becomes a RawItem
-whose `error` is "category: detail" (categories: no_image, unreadable, bad_caption, no_caption,
-bad_json, tar_error), so the precompute job can count skips by category. Images stay raw bytes for
+The three kinds (hub dataset here; imagefolder in `precompute.imagefolder`; img2dataset-style tars
+in `precompute.wds_inputs`) never decode an image or raise on a bad row: an input that cannot be
+used becomes a RawItem whose `error` is "category: detail" (no_image, unreadable, bad_caption,
+no_caption, bad_json, ...), so the job reports it by its source. Images stay raw bytes for
 `precompute.images.load_image`, which applies the same EXIF handling whatever the source.
-Security: WebDataset members are read as raw bytes, never `.decode()`d (that would unpickle).
 """
 
 from __future__ import annotations
 
-import os
-from collections.abc import Sequence
+import hashlib
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,19 +19,25 @@ import datasets
 import fsspec
 import numpy as np
 
-DEFAULT_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
-
 
 @dataclass
 class RawItem:
-    """One input row before decoding; `error` set means the row must be skipped (and counted)."""
+    """One image input before decoding; `error` set means it must be skipped (and reported).
 
-    index: int  # position in this input stream (map index, or running count for WebDataset)
-    key: str  # source key: file stem, tar key, or f"{index:08d}"
+    `sid` is the input's stable id (plan order, holdout choice, identity under --update): the path
+    relative to the input root, `TAR_URL#MEMBER`, or the zero-padded row of a hub dataset. `fp` is
+    the fingerprint of what its record is made of (see precompute/plan.py); `source` and `member`
+    name it in the report (`member`: tar member, "row N", or None).
+    """
+
+    sid: str
+    fp: str
+    source: str
+    member: str | None
     image: bytes | None
-    captions: list[str] | None  # normalised (see normalize_captions); None without a caption column
+    captions: list[str] | None  # normalised (see normalize_captions); None with `error`
     error: str | None = None
-    meta: dict = field(default_factory=dict)  # source details: {"source": ..., "path"/"url": ...}
+    meta: dict = field(default_factory=dict)  # the record's json fields from the source ("key", "input", ...)
 
 
 class BadCaption(ValueError):
@@ -73,9 +79,14 @@ def captions_or_error(cell: Any) -> tuple[list[str] | None, str | None]:
         return None, f"bad_caption: {exc.reason}"
 
 
-def _check_columns(dataset: datasets.Dataset, image_column: str, caption_column: str | None) -> None:
+def fingerprint(*parts: Any) -> str:
+    """A short hex digest of JSON-serialisable parts: what decides a record (see precompute/plan.py)."""
+    blob = json.dumps(parts, sort_keys=True, separators=(",", ":"), default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:32]
+
+
+def check_columns(columns: list[str], image_column: str, caption_column: str | None) -> None:
     """One clear error for every wrong column name, before any work (as the reference scripts)."""
-    columns = dataset.column_names
     wrong = [f"--image_column value '{image_column}'"] if image_column not in columns else []
     if caption_column is not None and caption_column not in columns:
         wrong.append(f"--caption_column value '{caption_column}'")
@@ -102,25 +113,33 @@ def _read_path(path: str) -> bytes:
 
 @dataclass
 class DatasetInputs:
-    """Map-style view of a `datasets.Dataset` whose image column is undecoded."""
+    """Rows of a `datasets.Dataset` whose image column is undecoded; a row's id is f"{row:08d}".
+
+    Rows have no identity beyond their position: `fp` is datasets' fingerprint of the loaded split
+    plus the row, so a changed dataset changes every unit (and --update refuses hub datasets).
+    """
 
     dataset: datasets.Dataset
     image_column: str
     caption_column: str | None
-    source: str  # "hf" or "imagefolder", copied into each item's meta
-    keys: list[str] | None = None  # one per row; None: f"{row:08d}"
+    source: str  # "NAME[SPLIT]", the report's name for this input
 
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, index: int) -> RawItem:
+    def fingerprint(self, row: int) -> str:
+        """Fingerprint of one row (no data read)."""
+        return fingerprint(getattr(self.dataset, "_fingerprint", None), row)
+
+    def item(self, sid: str) -> RawItem:
+        """The RawItem of row `int(sid)`."""
+        index = int(sid)
         if not 0 <= index < len(self):
-            raise IndexError(f"index {index} out of range for {len(self)} rows")
+            raise IndexError(f"row {index} out of range for {len(self)} rows")
         row = self.dataset[index]
         cell = row[self.image_column] or {}
         path = cell.get("path")
-        key = self.keys[index] if self.keys is not None else f"{index:08d}"
-        meta = {"source": self.source, "row": index, "path": path}
+        meta = {"key": sid, "input": "hf", "source": self.source, "member": f"row {index}", "row": index}
         captions, error = (None, None)
         if self.caption_column is not None:
             captions, error = captions_or_error(row[self.caption_column])
@@ -132,7 +151,7 @@ class DatasetInputs:
                 error = error or f"unreadable: {path}: {exc}"
         elif image is None:
             error = error or "no_image: image cell is empty"
-        return RawItem(index, key, image, captions, error, meta)
+        return RawItem(sid, self.fingerprint(index), self.source, f"row {index}", image, captions, error, meta)
 
 
 def open_hf_dataset(
@@ -143,37 +162,7 @@ def open_hf_dataset(
     caption_column: str | None,
     cache_dir: str | None = None,
 ) -> DatasetInputs:
-    """A hub (or local `datasets`) dataset split; keys are f"{row:08d}"."""
+    """A hub (or local `datasets`) dataset split, image column undecoded."""
     dataset = datasets.load_dataset(dataset_name, dataset_config_name, split=split, cache_dir=cache_dir)
-    _check_columns(dataset, image_column, caption_column)
-    return DatasetInputs(_undecoded(dataset, image_column), image_column, caption_column, "hf")
-
-
-def _stem_keys(paths: Sequence[str | None]) -> list[str] | None:
-    """File stems as keys when every row has a path and stems are unique, else None (use row numbers).
-
-    Dots become "_" because WebDataset splits a member name at the first dot of its base name.
-    """
-    if not paths or any(not path for path in paths):
-        return None
-    keys = [Path(path).stem.replace(".", "_") for path in paths]
-    return keys if len(set(keys)) == len(keys) else None
-
-
-def open_imagefolder(
-    train_data_dir: str | os.PathLike,
-    image_column: str = "image",
-    caption_column: str | None = "text",
-    cache_dir: str | None = None,
-) -> DatasetInputs:
-    """An imagefolder (images + metadata.jsonl) loaded with `datasets`; keys are file stems.
-
-    Loaded as the reference scripts do (`data_files` "**"): every file is in the train split, even in
-    subfolders named like splits ("test/"), which `data_dir=` would split off.
-    """
-    data_files = {"train": os.path.join(str(train_data_dir), "**")}
-    dataset = datasets.load_dataset("imagefolder", data_files=data_files, split="train", cache_dir=cache_dir)
-    _check_columns(dataset, image_column, caption_column)
-    dataset = _undecoded(dataset, image_column)
-    paths = [(cell or {}).get("path") for cell in dataset.data.column(image_column).to_pylist()]
-    return DatasetInputs(dataset, image_column, caption_column, "imagefolder", keys=_stem_keys(paths))
+    check_columns(dataset.column_names, image_column, caption_column)
+    return DatasetInputs(_undecoded(dataset, image_column), image_column, caption_column, f"{dataset_name}[{split}]")

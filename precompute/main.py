@@ -1,7 +1,10 @@
 """`python -m precompute`: encode a dataset once into WebDataset shards plus a manifest.
 
-Reads top to bottom: check everything that can fail cheaply, plan deterministic units, encode the
-units this rank owns (skipping those already published), then rank 0 writes the manifest.
+Reads top to bottom: take the output directory for this job (precompute/lock.py), plan the input
+(precompute/plan.py), load the encoders, compare the plan with what the directory holds (resume,
+refuse changed input, or --update: precompute/state.py), encode this rank's unpublished units
+(copying the records of unchanged samples), then rank 0 writes the manifest and drops the old
+cache's units. Every refusal is one line, before any encoding.
 """
 
 from __future__ import annotations
@@ -9,7 +12,6 @@ from __future__ import annotations
 import os
 import sys
 import time
-from typing import Any
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -20,40 +22,17 @@ from tqdm.auto import tqdm  # noqa: E402
 from . import encode as enc  # noqa: E402
 from . import format as fmt  # noqa: E402
 from .config import PrecomputeConfig, parse_args  # noqa: E402
-from .manifest import build_manifest, check_or_record_run, encoder_identities, load_progress  # noqa: E402
-from .units import Batch, Unit, assign, build_stream, plan_units  # noqa: E402
-from .writer import CacheWriter, progress_name  # noqa: E402
+from .lock import JobLost, LockHeld, acquire, checker  # noqa: E402
+from .manifest import build_manifest, check_or_record_run, encoder_identities, load_progress, wipe  # noqa: E402
+from .plan import Plan, assign, make_plan  # noqa: E402
+from .report import summarize  # noqa: E402
+from .state import compare, copy_sources, delete_units, read_state, refusal, verify_inputs  # noqa: E402
+from .units import Batch, build_stream  # noqa: E402
+from .writer import CacheWriter  # noqa: E402
 
 
 class UsageError(Exception):
     """A problem found before any work: printed as one line, exit code 2."""
-
-
-def open_input(config: PrecomputeConfig) -> tuple[Any | None, list[str] | None]:
-    """(map-style dataset or None, tar URLs or None) for the one input the user gave; UsageError if missing."""
-    from .inputs import open_hf_dataset, open_imagefolder
-    from .reader import expand_urls
-
-    if config.input_shards:
-        return None, expand_urls(config.input_shards.split())  # raises for a pattern matching nothing
-    if config.train_data_dir:
-        if not os.path.isdir(config.train_data_dir):
-            raise UsageError(f"--train_data_dir {config.train_data_dir!r} is not a directory")
-        return open_imagefolder(config.train_data_dir, config.image_column, config.caption_column), None
-    try:
-        return open_hf_dataset(config.dataset_name, config.dataset_config_name, config.split, config.image_column,
-                               config.caption_column, cache_dir=config.cache_dir), None
-    except OSError as exc:  # ConnectionError (unreachable, offline), DatasetNotFoundError (a FileNotFoundError)
-        raise UsageError(f"--dataset_name {config.dataset_name!r} cannot be opened ({' '.join(str(exc).split())}): "
-                         "check the name, the network and HF_DATASETS_OFFLINE, or give a local --train_data_dir "
-                         "or --input_shards") from None
-
-
-def plan(config: PrecomputeConfig) -> tuple[Any | None, list[Unit]]:
-    """Open the input and cut it into units: (map-style dataset or None for tars, every unit)."""
-    dataset, urls = open_input(config)
-    num_rows = None if dataset is None else min(len(dataset), config.max_samples or len(dataset))
-    return dataset, plan_units(num_rows, urls, config.samples_per_shard, config.holdout_samples)
 
 
 def check_output(config: PrecomputeConfig) -> None:
@@ -82,8 +61,9 @@ def load_models(config: PrecomputeConfig, device: torch.device) -> enc.Encoders:
 
 
 def encode_batch(batch: Batch, models: enc.Encoders, config: PrecomputeConfig) -> list[dict[str, np.ndarray]]:
-    """Run the encoders on one batch; return per-sample arrays (float32, CPU)."""
-    per_sample: list[dict[str, np.ndarray]] = [{} for _ in batch.samples]
+    """Run the encoders on the batch's samples to encode (those not copied); per-sample arrays (float32, CPU)."""
+    samples = [s for s in batch.samples if s.copied is None]
+    per_sample: list[dict[str, np.ndarray]] = [{} for _ in samples]
     image_embeds = enc.encode_image_embeds(models.image_encoder, batch.clip_pixel_values).float().cpu()  # [B, E]
     for out, row in zip(per_sample, image_embeds):
         out[fmt.IMAGE_EMBEDS] = row.numpy()
@@ -92,12 +72,12 @@ def encode_batch(batch: Batch, models: enc.Encoders, config: PrecomputeConfig) -
         for out, lat in zip(per_sample, latents):
             out[fmt.LATENTS] = lat.numpy()
     if models.text_encoder is not None:
-        captions = [c for sample in batch.samples for c in sample.captions]
+        captions = [c for sample in samples for c in sample.captions]
         input_ids, mask = enc.tokenize(models.tokenizer, captions)  # [N, T], [N, T]
         text_embeds, hidden = enc.encode_text(models.text_encoder, input_ids)  # [N, E], [N, T, H]
         trimmed = enc.trim_hidden(hidden.float().cpu(), mask)
         start = 0
-        for out, sample in zip(per_sample, batch.samples):
+        for out, sample in zip(per_sample, samples):
             stop = start + len(sample.captions)
             out[fmt.TEXT_EMBEDS] = text_embeds[start:stop].float().cpu().numpy()  # [C, E]
             out[fmt.TEXT_HIDDEN] = torch.cat(trimmed[start:stop]).numpy()  # [sum L, H]
@@ -106,8 +86,38 @@ def encode_batch(batch: Batch, models: enc.Encoders, config: PrecomputeConfig) -
     return per_sample
 
 
+def _broadcast(value, state):
+    """Rank 0's `value` on every rank."""
+    if state.num_processes == 1:
+        return value
+    from accelerate.utils import broadcast_object_list
+
+    return broadcast_object_list([value])[0]
+
+
+def reconcile(config: PrecomputeConfig, plan: Plan, writer: CacheWriter, state) -> list[str]:
+    """Rank 0 compares the plan with the directory: refuse changed input, or clear the way; returns stale units."""
+    problem = None
+    if state.is_main_process:
+        cache = read_state(writer.fs, writer.root)
+        mismatched = verify_inputs(plan, cache, config.caption_column) if config.verify_inputs else ([], 0)
+        changes = compare(plan, cache, mismatched)
+        if changes.input_changed and config.overwrite:
+            wipe(writer.fs, writer.root, keep_run=True)
+        elif changes.input_changed and not config.update:
+            problem = refusal(changes, cache.manifest_units is not None, config.output_dir)
+        else:
+            delete_units(writer.fs, writer.root, cache, changes.garbage + changes.mismatched)
+    problem = _broadcast(problem, state)
+    if problem:
+        raise UsageError(problem)
+    state.wait_for_everyone()
+    cache = read_state(writer.fs, writer.root)
+    return compare(plan, cache).stale
+
+
 def run(config: PrecomputeConfig) -> int:
-    """Encode this rank's unpublished units, then (rank 0) write the manifest; returns the exit code."""
+    """Take the directory, encode this rank's unpublished units, then (rank 0) write the manifest; exit code."""
     from accelerate import PartialState
 
     # cpu=True on a machine without GPU: otherwise accelerate ignores torchrun's ranks on CPU (one process).
@@ -115,71 +125,108 @@ def run(config: PrecomputeConfig) -> int:
     device = torch.device(config.device) if config.device else state.device
     if config.encode == "decoder" and config.validation_prompts:
         raise UsageError("--validation_prompts needs the text encoder: use --encode prior or all")
-    dataset, units = plan(config)
     check_output(config)
+    lock = acquire(config.output_dir) if state.is_main_process else None
+    try:
+        return _run(config, state, device, _broadcast(lock.job["job"] if lock else None, state))
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _run(config: PrecomputeConfig, state, device: torch.device, job: str) -> int:
+    plan = make_plan(config)
     models = load_models(config, device)
     identities = encoder_identities(config, models)
     check_or_record_run(config, identities, state)  # refuses another model/settings in the same dir
-
-    writer = CacheWriter(config.output_dir, config.samples_per_shard, rank=state.process_index)
-    todo = [u for u in assign(units, state.process_index, state.num_processes)
-            if not writer.fs.exists(writer.path(progress_name(u.id)))]
-    loader = build_stream(config, dataset, todo, models.image_processor, latents=models.movq is not None)
-    store = fmt.FLOAT_DTYPES[config.dtype]
-    total = sum(len(u.rows) for u in todo) if dataset is not None else None
-    bar = tqdm(total=total, unit="img", desc=f"precompute[{state.process_index}]",
-               disable=not state.is_local_main_process)
-    positions: dict[int, int] = {}
-    pending: dict[int, list[dict]] = {}  # skip reports of each unit not yet published
-    started = time.perf_counter()
-    for batch in loader:
-        skipped = pending.setdefault(batch.unit, [])
-        skipped.extend(batch.skipped)
-        if batch.samples:
-            for sample, arrays in zip(batch.samples, encode_batch(batch, models, config)):
-                try:
-                    record = fmt.make_record(fmt.record_key(batch.unit, positions.get(batch.unit, 0)),
-                                             sample.captions, sample.meta, arrays, store)
-                except OverflowError as exc:
-                    skipped.append({"key": sample.key, "reason": str(exc)})
-                    continue
-                positions[batch.unit] = positions.get(batch.unit, 0) + 1
-                writer.put(batch.unit, sample.split, record)
-        bar.update(len(batch.samples) + len(batch.skipped))
-        if batch.last:
-            writer.end_unit(batch.unit, pending.pop(batch.unit))
-    writer.close()
-    bar.close()
-    elapsed = time.perf_counter() - started
+    writer = CacheWriter(config.output_dir, config.samples_per_shard, rank=state.process_index,
+                         check_job=checker(config.output_dir, job))
+    stale = reconcile(config, plan, writer, state)
+    cache = read_state(writer.fs, writer.root)
+    todo = [u for u in plan.units if u.id not in cache.progress]
+    mine = assign(todo, state.process_index, state.num_processes)
+    copies = copy_sources(writer.fs, writer.root, cache, stale)
+    loader = build_stream(config, plan.source, mine, models.image_processor, latents=models.movq is not None,
+                          copies=copies)
+    encoded, copied, elapsed = encode_units(config, plan, mine, loader, models, writer, state)
     state.wait_for_everyone()  # every rank's shards are closed and published before the merge
     if state.is_main_process:
-        progress = load_progress(writer, units)
-        manifest = build_manifest(config, models, identities, progress)
-        summarize(manifest, sum(positions.values()), elapsed)
+        progress = load_progress(writer, plan.units)
+        writer.check_job()
+        manifest = build_manifest(config, models, encoder_identities(config, models), progress)
+        delete_units(writer.fs, writer.root, cache, [uid for uid in stale if uid in cache.progress])
+        summarize(manifest, config.output_dir, encoded, copied, elapsed)
     state.wait_for_everyone()
     return 0
 
 
-def summarize(manifest: fmt.Manifest, encoded_here: int, elapsed: float) -> None:
-    """Print the skip report and one line of totals."""
-    totals = manifest.totals
-    rate = encoded_here / elapsed if elapsed > 0 else 0.0
-    for item in manifest.skipped:
-        print(f"skipped {item.key}: {item.reason}")
-    print(
-        f"precompute: {totals.samples} images in {totals.shards} shards "
-        f"({totals.train.samples} train, {totals.validation.samples} validation), "
-        f"{totals.skipped} skipped, {totals.bytes} bytes ({totals.bytes_per_sample:.0f} bytes/sample), "
-        f"{encoded_here} encoded now at {rate:.1f} images/s -> {manifest.location}"
-    )
+def encode_units(config, plan, units, loader, models, writer, state) -> tuple[int, int, float]:
+    """The loop: encode or copy each sample in unit order, publish each unit; (encoded, copied, seconds)."""
+    by_id = {u.id: u for u in plan.units}
+    store = fmt.FLOAT_DTYPES[config.dtype]
+    total = sum(len(u.entries) for u in units) if plan.source is not None else None
+    bar = tqdm(total=total, unit="img", desc=f"precompute[{state.process_index}]",
+               disable=not state.is_local_main_process)
+    try:
+        return _encode_loop(config, by_id, store, loader, models, writer, bar)
+    finally:
+        bar.close()  # before any error line: the bar shares stderr
+
+
+def _encode_loop(config, by_id, store, loader, models, writer, bar) -> tuple[int, int, float]:
+    pending: dict[str, dict] = {}
+
+    def unit_of(uid: str) -> dict:
+        return pending.setdefault(uid, {"skips": [], "records": [], "encoded": 0, "copied": 0})
+
+    encoded = copied = 0
+    started = time.perf_counter()
+    for batch in loader:
+        if batch.fatal:
+            raise UsageError(batch.fatal)
+        for uid, skip in batch.skipped:
+            unit_of(uid)["skips"].append(skip)
+        for uid, record in batch.skipped_inputs:
+            unit_of(uid)["records"].append(record)
+        arrays = iter(encode_batch(batch, models, config) if batch.clip_pixel_values is not None else [])
+        for sample in batch.samples:
+            unit = unit_of(sample.unit)
+            key = fmt.record_key(sample.unit, unit["encoded"] + unit["copied"])
+            if sample.copied is not None:
+                record, kind = {**sample.copied, "__key__": key}, "copied"
+            else:
+                try:
+                    record, kind = fmt.make_record(key, sample.captions, sample.meta, next(arrays), store), "encoded"
+                except OverflowError as exc:
+                    unit["skips"].append(fmt.Skip("image", sample.source, sample.member, f"overflow: {exc}"))
+                    unit["records"].append([sample.sid, sample.fp, None, sample.image_sha256])
+                    continue
+            unit[kind] += 1
+            unit["records"].append([sample.sid, sample.fp, key, sample.image_sha256])
+            writer.put(sample.unit, sample.split, record)
+        encoded += sum(1 for s in batch.samples if s.copied is None)
+        copied += sum(1 for s in batch.samples if s.copied is not None)
+        bar.update(len(batch.samples) + sum(1 for _, s in batch.skipped if s.kind == "image"))
+        for uid in batch.ended:
+            writer.end_unit(uid, unit_of(uid)["skips"], _progress_fields(by_id[uid], pending.pop(uid)))
+    writer.close()
+    return encoded, copied, time.perf_counter() - started
+
+
+def _progress_fields(unit, done: dict) -> dict:
+    kinds = [s.kind for s in done["skips"]]
+    counts = {"images": len(done["records"]), "encoded": done["encoded"], "copied": done["copied"],
+              "skipped": kinds.count("image"), "unreadable": kinds.count("tar"), "other": kinds.count("entry")}
+    return {"split": unit.split, "inputs": unit.inputs(), "records": done["records"], "counts": counts}
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point; returns the process exit code."""
+    """Entry point (`python -m precompute [report CACHE | flags]`); returns the process exit code."""
+    argv = sys.argv[1:] if argv is None else argv
     try:
         config = parse_args(argv)
         return run(config)
-    except (UsageError, ValueError, FileNotFoundError) as exc:
+    except (UsageError, LockHeld, JobLost, ValueError, FileNotFoundError) as exc:
         print(f"precompute: error: {exc}", file=sys.stderr)
         return 2
 

@@ -14,7 +14,8 @@ import torch
 
 from . import encode as enc
 from . import format as fmt
-from .config import PrecomputeConfig
+from .config import INPUT_LOCATION, PrecomputeConfig
+from .lock import JOB_FILE, LOCK_FILE
 from .writer import PROGRESS_DIR, RUN_FILE, progress_name, write_json_atomic
 
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.json", "*.txt")
@@ -96,8 +97,23 @@ def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
     return out
 
 
+def wipe(fs, root: str, keep_run: bool = False) -> None:
+    """Delete everything in the output directory but the job lock (precompute/lock.py) and, if asked, the run record."""
+    run = fs.cat_file(posixpath.join(root, RUN_FILE)) if keep_run else None
+    for path in fs.ls(root, detail=False):
+        if posixpath.basename(path.rstrip("/")) not in (JOB_FILE, LOCK_FILE):
+            fs.rm(path, recursive=True)
+    fs.makedirs(posixpath.join(root, PROGRESS_DIR), exist_ok=True)
+    if run is not None:
+        fs.pipe_file(posixpath.join(root, RUN_FILE), run)
+
+
 def check_or_record_run(config: PrecomputeConfig, identities: dict[str, fmt.EncoderIdentity], state) -> None:
-    """Refuse to mix two different encodings in one directory; record the fingerprint of a new one."""
+    """Refuse to mix two different encodings in one directory; record the fingerprint of a new one.
+
+    Under --update the input location (config.INPUT_LOCATION) may differ: the run record then takes
+    the new one, and the per-unit input fingerprints decide what is encoded again (precompute/state.py).
+    """
     import fsspec
 
     fs, root = fsspec.core.url_to_fs(config.output_dir)
@@ -111,15 +127,17 @@ def check_or_record_run(config: PrecomputeConfig, identities: dict[str, fmt.Enco
         existing = json.loads(fs.cat_file(run_path)) if fs.exists(run_path) else None
         foreign = existing is None and fs.exists(posixpath.join(root, fmt.MANIFEST_NAME))
         differs = _differences(existing, fingerprint) if existing is not None else []
+        moved = [d for d in differs if d.removeprefix("settings.") in INPUT_LOCATION]
+        if config.update:
+            differs = [d for d in differs if d not in moved]
         if (differs or foreign) and not config.overwrite:
             what = ", ".join(differs[:6]) if differs else "a cache without run record"
-            raise ValueError(f"{config.output_dir} already holds a cache made with other settings ({what}); "
+            hint = " (--update accepts a new input location)" if differs == moved else ""
+            raise ValueError(f"{config.output_dir} already holds a cache made with other settings ({what}){hint}; "
                              "use another --output_dir or pass --overwrite to replace it")
         if differs or foreign:
-            for path in fs.ls(root, detail=False):
-                fs.rm(path, recursive=True)
-            fs.makedirs(posixpath.join(root, PROGRESS_DIR), exist_ok=True)
-        if existing is None or differs or foreign:
+            wipe(fs, root)
+        if existing is None or differs or foreign or moved:
             write_json_atomic(fs, run_path, fingerprint)
         # Temporary files of a killed run: never published, safe to drop before any rank starts.
         for path in fs.glob(posixpath.join(root, "*.tmp-*")) + fs.glob(posixpath.join(root, PROGRESS_DIR, "*.tmp-*")):
@@ -128,7 +146,7 @@ def check_or_record_run(config: PrecomputeConfig, identities: dict[str, fmt.Enco
 
 
 def load_progress(writer, units) -> list[dict]:
-    """Progress records of every planned unit; a missing one means a rank failed."""
+    """Progress records of every planned unit, in plan order; a missing one means a rank failed."""
     records = []
     for unit in units:
         path = writer.path(progress_name(unit.id))
@@ -138,13 +156,17 @@ def load_progress(writer, units) -> list[dict]:
     return records
 
 
+def _count(progress: list[dict], name: str) -> int:
+    return sum(unit.get("counts", {}).get(name, 0) for unit in progress)
+
+
 def _rounded(tensor: torch.Tensor, store) -> tuple:
     """Values as the trainer would read them from a shard (rounded to the storage dtype), as tuples."""
     values = tensor.float().cpu().numpy().astype(store).astype(np.float32)  # [E] or [L, H]
     return tuple(map(tuple, values.tolist())) if values.ndim == 2 else tuple(values.tolist())
 
 
-def _text_entry(models: enc.Encoders, caption: str, store) -> tuple[tuple, tuple, int]:
+def text_entry(models: enc.Encoders, caption: str, store) -> tuple[tuple, tuple, int]:
     """(text_embeds [E], text_hidden [L, H], L) of one caption."""
     input_ids, mask = enc.tokenize(models.tokenizer, [caption])  # [1, T], T = tokenizer.model_max_length
     text_embeds, hidden = enc.encode_text(models.text_encoder, input_ids)  # [1, E], [1, T, H]
@@ -168,8 +190,8 @@ def encoder_entries(
                         models.text_encoder.config.hidden_size if text else None,
                         latents, config.resolution if latents else None)
     unconditional = fmt.Unconditional(fmt.ZeroImage(_rounded(zero, store)),
-                                      fmt.TextEncoding(*_text_entry(models, "", store)) if text else None)
-    prompts = tuple(fmt.PromptEncoding(p, *_text_entry(models, p, store))
+                                      fmt.TextEncoding(*text_entry(models, "", store)) if text else None)
+    prompts = tuple(fmt.PromptEncoding(p, *text_entry(models, p, store))
                     for p in (config.validation_prompts if text else ()))
     return shapes, unconditional, prompts
 
@@ -201,15 +223,19 @@ def assemble_manifest(
     shapes, unconditional, prompts = entries
     shards = tuple(sorted((fmt.ShardEntry.from_dict(s) for unit in progress for s in unit["shards"]),
                           key=lambda s: s.name))
-    skipped = tuple(fmt.Skip.from_dict(s) for unit in progress for s in unit["skipped"])
+    totals = fmt.Totals.of(shards, _count(progress, "skipped"), _count(progress, "unreadable"),
+                           _count(progress, "other"))
+    if any("counts" in unit for unit in progress) and totals.images != _count(progress, "images"):
+        raise RuntimeError(f"accounting: {_count(progress, 'images')} images seen, but {totals.samples} in the "
+                           f"shards + {totals.skipped} skipped")  # never written silently wrong
     return fmt.Manifest(
         format=fmt.FORMAT, version=fmt.VERSION,
         created=created or datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         location=config.output_dir, encode=config.encode, dtype=config.dtype,
         members=fmt.ENCODE_MEMBERS[config.encode], config=config.to_dict(), encoders=identities,
-        preprocessing=_preprocessing(shapes), shapes=shapes, shards=shards,
-        totals=fmt.Totals.of(shards, len(skipped)), skipped=skipped, unconditional=unconditional,
-        validation_prompts=prompts,
+        preprocessing=_preprocessing(shapes), shapes=shapes, units=tuple(unit["unit"] for unit in progress),
+        shards=shards, totals=totals, reports=tuple(unit["report"] for unit in progress if unit.get("report")),
+        unconditional=unconditional, validation_prompts=prompts,
     )
 
 

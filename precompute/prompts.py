@@ -24,7 +24,7 @@ import torch
 from . import encode as enc
 from . import format as fmt
 from . import reader
-from .manifest import _text_entry, encoder_identities, write_manifest
+from .manifest import text_entry, encoder_identities, write_manifest
 
 TEXT_PARTS = ("tokenizer", "text_encoder")
 
@@ -92,7 +92,7 @@ def add_prompts(config: PromptsConfig) -> fmt.Manifest:
     known = {p.prompt for p in kept}
     store = fmt.FLOAT_DTYPES[manifest.dtype]
     with torch.no_grad():
-        added = tuple(fmt.PromptEncoding(p, *_text_entry(models, p, store))
+        added = tuple(fmt.PromptEncoding(p, *text_entry(models, p, store))
                       for p in dict.fromkeys(config.validation_prompts) if p not in known)
     prompts = (*kept, *added)
     updated = dataclasses.replace(manifest, validation_prompts=prompts,

@@ -147,3 +147,18 @@ def expand_urls(spec: str | os.PathLike | Sequence[str | os.PathLike]) -> list[s
     if not urls:
         raise ValueError(f"no shard URLs in {spec!r}")
     return sorted(urls)
+
+
+def read_report(location: str, manifest: fmt.Manifest | None = None) -> Iterator[fmt.Skip]:
+    """Every input the cache does not hold, with its reason: the lines of the report files the manifest lists.
+
+    `Skip.kind` "image" entries are the images counted in `totals.skipped`, "tar" the unreadable tars
+    (`totals.unreadable`), "entry" everything else (`totals.other`).
+    """
+    manifest = manifest or read_manifest(location)
+    root = cache_root(location)
+    for name in manifest.reports:
+        with fsspec.open(_join(root, name), "r", encoding="utf-8") as handle:
+            for line in handle:
+                if line.strip():
+                    yield fmt.Skip.from_dict(json.loads(line))

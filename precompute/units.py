@@ -1,17 +1,22 @@
-"""Deterministic work units and the DataLoader stream that decodes and preprocesses them.
+"""The DataLoader stream that reads, decodes and preprocesses the units a rank encodes.
 
-Shard assignment is a pure function of the input: a map-style dataset is cut into blocks of
-`samples_per_shard` rows (the first `holdout_samples` rows form validation units); an input tar is
-one unit. Ranks take units round-robin, DataLoader workers take the rank's units round-robin, and a
-worker never mixes units inside one batch, so every unit can be published on its own.
+Units come from precompute/plan.py. DataLoader workers take the rank's units round-robin; a batch
+holds samples of one worker's consecutive units, in order, and names the units whose last sample it
+holds, so every unit is published on its own as soon as it is complete. A sample whose unchanged
+record lies in the old cache (`--update`) is not decoded: its record's members are read from the old
+shard, verified through the shard index, and handed on as they are. Only samples to encode count
+towards `--batch_size`, so the few samples an update encodes share forward passes across units.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
+import posixpath
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
 
+import fsspec
 import torch
 
 from . import encode as enc
@@ -19,133 +24,175 @@ from . import format as fmt
 from .config import PrecomputeConfig
 from .images import BadImage, decoder_transform, load_image
 from .inputs import BadCaption, RawItem
-from .wds_inputs import iter_wds_inputs
-
-
-@dataclass(frozen=True)
-class Unit:
-    """One deterministic slice of the input; `holdout` leading items go to the validation split."""
-
-    id: int
-    rows: range | None = None  # map-style input
-    url: str | None = None  # one input tar
-    holdout: int = 0
-
-
-def plan_units(
-    num_rows: int | None, urls: Sequence[str] | None, samples_per_shard: int, holdout: int
-) -> list[Unit]:
-    """Cut the input into units; rows [0, holdout) of a map-style input are the validation units."""
-    if urls is not None:
-        return [Unit(id=i, url=url, holdout=holdout if i == 0 else 0) for i, url in enumerate(urls)]
-    assert num_rows is not None
-    units: list[Unit] = []
-    holdout = min(holdout, num_rows)
-    for start, stop, is_val in ((0, holdout, True), (holdout, num_rows, False)):
-        for lo in range(start, stop, samples_per_shard):
-            rows = range(lo, min(lo + samples_per_shard, stop))
-            units.append(Unit(id=len(units), rows=rows, holdout=len(rows) if is_val else 0))
-    return units
-
-
-def assign(units: Sequence[Unit], rank: int, world: int) -> list[Unit]:
-    """The units one process encodes: disjoint across ranks, together covering all units."""
-    return [u for u in units if u.id % world == rank]
+from .plan import Unit
+from .shard_index import ShardIndex, index_name, read_records
+from .state import CopySource
+from .wds_inputs import InterleavedTar, tar_items
 
 
 @dataclass(frozen=True)
 class Sample:
-    """One image the encoders will see, without its pixels: where its record goes and what it holds."""
+    """One image going into the cache: where its record goes, what it holds, where it came from."""
 
-    key: str  # source key
+    unit: str  # the id of the unit its record goes into
+    sid: str  # the input's stable id (precompute/plan.py)
+    fp: str  # the fingerprint its record is made from
+    source: str  # report name of the input (relative path, tar URL, dataset split)
+    member: str | None
     split: str  # fmt.TRAIN_SPLIT or fmt.VALIDATION_SPLIT
     captions: list[str]  # normalised once, by the input reader (precompute.inputs.normalize_captions)
     meta: dict  # the record's `json` member
+    image_sha256: str | None
+    copied: dict[str, bytes] | None = None  # members of its unchanged record in the old cache
 
 
 @dataclass
 class Batch:
-    """What the stream hands the encoding loop: images of one unit, and the unit's skips since the last batch.
+    """What the stream hands the encoding loop: samples in unit order, report entries, units complete.
 
-    The last batch of each unit has `last` True (and may hold no image), so the loop knows when to
-    publish the unit.
+    `clip_pixel_values` / `pixel_values` hold the samples to encode (those without `copied`), in order.
+    `ended` names the units whose last sample (if any) is in this batch or an earlier one: the loop
+    publishes them after writing this batch. `fatal` is a refusal met while reading (an interleaved
+    tar): the job stops with it.
     """
 
-    unit: int
-    last: bool
     samples: list[Sample]
-    clip_pixel_values: torch.Tensor | None  # [B, 3, 224, 224] CLIP input; None when B = 0
-    pixel_values: torch.Tensor | None  # [B, 3, r, r] in [-1, 1] for MoVQ; None when B = 0 or no MoVQ
-    skipped: list[dict]  # {"key", "reason"}
+    clip_pixel_values: torch.Tensor | None  # [B, 3, 224, 224] CLIP input; None when nothing to encode
+    pixel_values: torch.Tensor | None  # [B, 3, r, r] in [-1, 1] for MoVQ; None when nothing to encode or no MoVQ
+    skipped: list[tuple[str, fmt.Skip]]  # (unit, report entry)
+    skipped_inputs: list[tuple[str, list]]  # (unit, [sid, fp, None, image sha256]) of each skipped image
+    ended: list[str]
+    fatal: str | None = None
 
 
 @dataclass
 class Prepared:
-    """One decoded, preprocessed image."""
+    """One sample ready for the loop: decoded and preprocessed, or copied."""
 
     sample: Sample
-    image: Any  # RGB PIL image for the CLIP processor
-    pixel_values: torch.Tensor | None  # [3, r, r] in [-1, 1] for MoVQ, or None
+    image: Any = None  # RGB PIL image for the CLIP processor (None when copied)
+    pixel_values: torch.Tensor | None = None  # [3, r, r] in [-1, 1] for MoVQ, or None
 
 
-def prepare(item: RawItem, split: str, resolution: int | None, min_size: int) -> Prepared:
+def image_sha256(item: RawItem) -> str | None:
+    """sha256 of the image bytes (stored in the record's json), None without bytes."""
+    return hashlib.sha256(item.image).hexdigest() if item.image is not None else None
+
+
+# A batch holds at most this many bytes of copied records, so that memory stays bounded (with workers,
+# DataLoader keeps 2 batches per worker in flight) while an update's few new images still share batches.
+COPY_BYTES = 32 << 20
+
+
+def prepare(item: RawItem, unit: str, split: str, resolution: int | None, min_size: int, max_pixels: int
+            ) -> Prepared:
     """Decode and preprocess one raw item; raises BadImage/BadCaption for a sample to skip."""
     if item.error:
         raise BadImage(item.error)
     if item.captions is None:  # only an input opened without a caption column
         raise BadCaption("missing caption")
-    image = load_image(item.image or b"", min_size=min_size)
+    image = load_image(item.image or b"", min_size=min_size, max_pixels=max_pixels)
     pixel_values = decoder_transform(image, resolution) if resolution else None  # [3, r, r]
-    source = {k: v for k, v in (item.meta or {}).items() if k != "json"}  # img2dataset json may hold EXIF
-    meta = {"key": item.key, "width": image.width, "height": image.height, **source}
-    return Prepared(Sample(item.key, split, item.captions, meta), image, pixel_values)
+    digest = image_sha256(item)
+    meta = {**item.meta, "width": image.width, "height": image.height, "image_sha256": digest}
+    sample = Sample(unit, item.sid, item.fp, item.source, item.member, split, item.captions, meta, digest)
+    return Prepared(sample, image, pixel_values)
 
 
 class UnitStream(torch.utils.data.IterableDataset):
-    """Yields one `Batch` at a time: preprocessed images of a single unit plus skip reports."""
+    """Yields one `Batch` at a time: samples of a single unit plus its report entries."""
 
-    def __init__(
-        self,
-        units: Sequence[Unit],
-        dataset: Any | None,
-        caption_column: str,
-        batch_size: int,
-        clip_preprocess: Callable[[list], torch.Tensor],
-        resolution: int | None,
-        min_size: int,
-    ) -> None:
-        self.units, self.dataset, self.caption_column = list(units), dataset, caption_column
-        self.batch_size, self.clip_preprocess = batch_size, clip_preprocess
-        self.resolution, self.min_size = resolution, min_size
+    def __init__(self, units: Sequence[Unit], source: Any | None, config: PrecomputeConfig,
+                 clip_preprocess: Callable[[list], torch.Tensor], resolution: int | None,
+                 copies: dict[str, CopySource] | None = None) -> None:
+        self.units, self.source, self.clip_preprocess = list(units), source, clip_preprocess
+        self.caption_column, self.batch_size = config.caption_column, config.batch_size
+        self.resolution, self.min_size, self.max_pixels = resolution, config.min_image_size, config.max_image_pixels
+        self.output_dir, self.copies = config.output_dir, copies or {}
+        self._open: tuple[str, Any, ShardIndex] | None = None
 
-    def _items(self, unit: Unit) -> Iterator[RawItem]:
-        if unit.rows is not None:
-            for row in unit.rows:
-                yield self.dataset[row]
-        else:
-            yield from iter_wds_inputs([unit.url], self.caption_column)
+    def _items(self, unit: Unit) -> Iterator[RawItem | fmt.Skip | Sample]:
+        yield from unit.notes
+        if unit.entries:
+            for entry in unit.entries:
+                old = self.copies.get(entry.sid)
+                if old is not None and old.fp == entry.fp:
+                    yield self._copied(unit, entry.sid, entry.fp, old)  # not even read from the input
+                else:
+                    yield self.source.item(entry.sid)
+            return
+        if unit.url is not None:
+            yield from tar_items(unit.url, self.caption_column, exclude=unit.exclude)
+        wanted: dict[str, set[str]] = {}
+        for url, key in unit.picks:
+            wanted.setdefault(url, set()).add(key)
+        for url, keys in wanted.items():
+            yield from tar_items(url, self.caption_column, keys=keys)
 
-    def _batch(self, unit: Unit, prepared: list[Prepared], skipped: list[dict], last: bool) -> Batch:
-        clip = self.clip_preprocess([p.image for p in prepared]) if prepared else None  # [B, 3, 224, 224]
-        pixels = torch.stack([p.pixel_values for p in prepared]) if prepared and self.resolution else None
-        return Batch(unit.id, last, [p.sample for p in prepared], clip, pixels, skipped)
+    def _copied(self, unit: Unit, sid: str, fp: str, old: CopySource) -> Sample:
+        """The unchanged record's members, read from its old shard and verified through the shard index."""
+        url = posixpath.join(self.output_dir, old.shard)  # fsspec paths are posix on every backend
+        if self._open is None or self._open[0] != url:
+            if self._open is not None:
+                self._open[1].close()
+            with fsspec.open(index_name(url), "rb") as handle:
+                index = ShardIndex.from_json(handle.read(), url=index_name(url), sha256=old.index_sha256)
+            self._open = (url, fsspec.open(url, "rb").open(), index)
+        _, handle, index = self._open
+        (_, _, members), = read_records(handle, index, url, [old.position])
+        meta = fmt.decode_member(fmt.META, members[fmt.META])  # captions stay bytes: nothing encodes them again
+        return Sample(unit.id, sid, fp, meta.get("source", sid), meta.get("member"), unit.split, [], meta,
+                      meta.get("image_sha256"), copied=members)
+
+    def _batch(self, ready: list[Prepared], skipped: list, inputs: list, ended: list[str]) -> Batch:
+        todo = [p for p in ready if p.sample.copied is None]
+        clip = self.clip_preprocess([p.image for p in todo]) if todo else None  # [B, 3, 224, 224]
+        pixels = torch.stack([p.pixel_values for p in todo]) if todo and self.resolution else None
+        return Batch([p.sample for p in ready], clip, pixels, skipped, inputs, ended)
+
+    def _take(self, unit: Unit, item: RawItem | fmt.Skip | Sample, skipped: list, inputs: list) -> Prepared | None:
+        """One item of `unit` for the pending batch: a copied record or a decoded image (None: reported instead)."""
+        if isinstance(item, fmt.Skip):
+            skipped.append((unit.id, item))
+            return None
+        if isinstance(item, Sample):
+            return Prepared(item)
+        old = self.copies.get(item.sid)
+        try:
+            if old is not None and old.fp == item.fp and item.error is None:
+                return Prepared(self._copied(unit, item.sid, item.fp, old))
+            return prepare(item, unit.id, unit.split, self.resolution, self.min_size, self.max_pixels)
+        except (BadImage, BadCaption) as exc:
+            skipped.append((unit.id, fmt.Skip("image", item.source, item.member, str(exc))))
+            inputs.append((unit.id, [item.sid, item.fp, None, image_sha256(item)]))
+            return None
 
     def __iter__(self) -> Iterator[Batch]:
         info = torch.utils.data.get_worker_info()
         units = self.units[info.id :: info.num_workers] if info else self.units
-        for unit in units:
-            prepared: list[Prepared] = []
-            skipped: list[dict] = []
-            for position, item in enumerate(self._items(unit)):
-                split = fmt.VALIDATION_SPLIT if position < unit.holdout else fmt.TRAIN_SPLIT
-                try:
-                    prepared.append(prepare(item, split, self.resolution, self.min_size))
-                except (BadImage, BadCaption) as exc:
-                    skipped.append({"key": item.key, "reason": str(exc)})
-                if len(prepared) == self.batch_size:
-                    yield self._batch(unit, prepared, skipped, last=False)
-                    prepared, skipped = [], []
-            yield self._batch(unit, prepared, skipped, last=True)
+        ready, skipped, inputs, ended = [], [], [], []
+        encode = copied = 0  # samples to encode, bytes of copied records in the pending batch
+        try:
+            for unit in units:
+                for item in self._items(unit):
+                    taken = self._take(unit, item, skipped, inputs)
+                    if taken is not None:
+                        ready.append(taken)
+                        if taken.sample.copied is None:
+                            encode += 1
+                        else:
+                            copied += sum(map(len, taken.sample.copied.values()))
+                    if encode == self.batch_size or copied >= COPY_BYTES:
+                        yield self._batch(ready, skipped, inputs, ended)
+                        ready, skipped, inputs, ended, encode, copied = [], [], [], [], 0, 0
+                ended.append(unit.id)
+            yield self._batch(ready, skipped, inputs, ended)
+        except InterleavedTar as exc:
+            yield Batch([], None, None, [], [], [], fatal=str(exc))
+        finally:
+            if self._open is not None:
+                self._open[1].close()
+                self._open = None
 
 
 def collate_identity(batch: Batch) -> Batch:
@@ -154,15 +201,17 @@ def collate_identity(batch: Batch) -> Batch:
 
 
 def build_stream(
-    config: PrecomputeConfig, dataset: Any | None, units: Sequence[Unit], image_processor: Any, *, latents: bool
+    config: PrecomputeConfig, source: Any | None, units: Sequence[Unit], image_processor: Any, *, latents: bool,
+    copies: dict[str, CopySource] | None = None,
 ) -> torch.utils.data.DataLoader:
-    """The stream precompute encodes: `Batch`es of `units`, decoded and preprocessed in `config.num_workers` workers.
+    """The stream precompute encodes: `Batch`es of `units`, read and preprocessed in `config.num_workers` workers.
 
-    `dataset` is the map-style input (None for input tars), `image_processor` the prior's
-    CLIPImageProcessor; `latents` also builds the MoVQ input at `config.resolution`.
+    `source` is the map-style input (None for input tars), `image_processor` the prior's
+    CLIPImageProcessor; `latents` also builds the MoVQ input at `config.resolution`; `copies` maps
+    the ids of unchanged inputs to their records in the old cache (--update).
     """
-    stream = UnitStream(units, dataset, config.caption_column, config.batch_size,
+    stream = UnitStream(units, source, config,
                         functools.partial(enc.clip_pixel_values, image_processor),  # picklable for spawned workers
-                        config.resolution if latents else None, config.min_image_size)
+                        config.resolution if latents else None, copies)
     return torch.utils.data.DataLoader(stream, batch_size=None, num_workers=min(config.num_workers, len(units)),
                                        collate_fn=collate_identity)

@@ -1,10 +1,13 @@
 """Shard writing with atomic publication, off the compute thread.
 
-A *unit* is a deterministic slice of the input (a block of rows, or one input tar). Its records are
-written with webdataset's `ShardWriter` under temporary names; when the unit ends, each finished tar
-is renamed to its final name and then a small progress record (`_progress/unit-N.json`) is written.
-A unit is published exactly when its progress record exists, so a re-run after a crash redoes only
-unpublished units and never duplicates or loses a sample.
+A *unit* is a deterministic slice of the input (see precompute/plan.py). Its records are written with
+webdataset's `ShardWriter` under temporary names; when the unit ends, each finished tar is renamed to
+its final name, its report (`report/unit-ID.jsonl`, when it has something to report) is written, and
+then a small progress record (`_progress/unit-ID.json`: its inputs, records, shards and counts). A
+unit is published exactly when its progress record exists, so a re-run after a crash redoes only
+unpublished units and never duplicates or loses a sample. Before publishing, the writer asks
+`check_job` whether its job still owns the directory (precompute/lock.py): a job that lost it stops
+before its progress record could mix into another job's cache.
 
 Each shard gets its index (`NAME.idx.json`, see precompute/shard_index.py) built while the tar is
 streamed: after every record the tar's offset marks where that record ends, and the sink hashes the
@@ -27,7 +30,7 @@ from typing import Any
 import fsspec
 import webdataset as wds
 
-from .format import IndexEntry, ShardEntry, shard_name
+from .format import IndexEntry, ShardEntry, Skip, report_name, shard_name
 from .shard_index import ShardIndex, index_name, sha256_hex
 
 PROGRESS_DIR = "_progress"
@@ -113,9 +116,9 @@ def _tar_offset(writer: wds.ShardWriter) -> int:
     return tar.offset
 
 
-def progress_name(unit: int) -> str:
+def progress_name(unit: str) -> str:
     """Path, relative to the output directory, of a unit's progress record (its publication mark)."""
-    return f"{PROGRESS_DIR}/unit-{unit:06d}.json"
+    return f"{PROGRESS_DIR}/unit-{unit}.json"
 
 
 @dataclass
@@ -125,7 +128,6 @@ class UnitState:
     writers: dict[str, wds.ShardWriter] = field(default_factory=dict)
     sinks: dict[str, ShardSink] = field(default_factory=dict)  # the file each split's current shard goes to
     shards: list[dict] = field(default_factory=list)
-    skipped: list[dict] = field(default_factory=list)
     samples: int = 0
 
 
@@ -133,15 +135,18 @@ class CacheWriter:
     """Receives encoded records from the compute loop and writes them in a background thread.
 
     `put(unit, split, record)` queues one record (a dict of member name -> bytes plus `__key__`);
-    `end_unit(unit, skipped)` publishes the unit; `close()` drains the queue and re-raises any error
-    the writer thread met, so a failed write is never silent.
+    `end_unit(unit, skips, progress)` publishes the unit; `close()` drains the queue and re-raises
+    any error the writer thread met, so a failed write is never silent. `check_job()` is called before
+    each publication and raises if this job no longer owns the directory.
     """
 
-    def __init__(self, output_dir: str, samples_per_shard: int, rank: int = 0, max_queue: int = 256) -> None:
+    def __init__(self, output_dir: str, samples_per_shard: int, rank: int = 0, max_queue: int = 256,
+                 check_job: Any = None) -> None:
         self.fs, self.root = fsspec.core.url_to_fs(output_dir)
         self.rank = rank
+        self.check_job = check_job or (lambda: None)
         self.samples_per_shard = samples_per_shard
-        self.units: dict[int, UnitState] = {}
+        self.units: dict[str, UnitState] = {}
         self.published: list[dict] = []
         self.queue: queue.Queue = queue.Queue(maxsize=max_queue)
         self.error: BaseException | None = None
@@ -149,15 +154,19 @@ class CacheWriter:
         self.thread.start()
 
     # -- compute-thread side -------------------------------------------------------------------
-    def put(self, unit: int, split: str, record: dict[str, Any]) -> None:
+    def put(self, unit: str, split: str, record: dict[str, Any]) -> None:
         """Queue one record for the unit's shard of `split`; raises if the writer thread failed."""
         self._raise_if_failed()
         self.queue.put(("record", unit, split, record))
 
-    def end_unit(self, unit: int, skipped: list[dict]) -> None:
-        """Queue the unit's publication: close its shards, rename them, write its progress record."""
+    def end_unit(self, unit: str, skips: list[Skip], progress: dict | None = None) -> None:
+        """Queue the unit's publication: close and rename its shards, write its report and progress record.
+
+        `progress` holds the unit's own fields of the record (split, inputs, records, counts); the writer
+        adds unit, rank, shards and report.
+        """
         self._raise_if_failed()
-        self.queue.put(("end", unit, skipped, None))
+        self.queue.put(("end", unit, skips, progress or {}))
 
     def close(self) -> list[dict]:
         """Wait for every queued write; return the progress records of the units published here."""
@@ -187,15 +196,15 @@ class CacheWriter:
                 if kind == "record":
                     self._write(unit, a, b)
                 else:
-                    self._publish(unit, a)
+                    self._publish(unit, a, b)
             except BaseException as exc:  # noqa: BLE001 - surfaced to the compute thread
                 self.error = exc
 
-    def _writer(self, state: UnitState, unit: int, split: str) -> wds.ShardWriter:
+    def _writer(self, state: UnitState, unit: str, split: str) -> wds.ShardWriter:
         """A ShardWriter for (unit, split) whose finished tars are renamed to their final names."""
         if split in state.writers:
             return state.writers[split]
-        pattern = self.path(f"{split}-{unit:06d}-%03d.tar.tmp-{uuid.uuid4().hex[:8]}")
+        pattern = self.path(f"{split}-{unit}-%03d.tar.tmp-{uuid.uuid4().hex[:8]}")
         handles: dict[str, ShardSink] = {}
 
         def opener(fname: str) -> ShardSink:
@@ -225,19 +234,26 @@ class CacheWriter:
         )
         return state.writers[split]
 
-    def _write(self, unit: int, split: str, record: dict[str, Any]) -> None:
+    def _write(self, unit: str, split: str, record: dict[str, Any]) -> None:
         state = self.units.setdefault(unit, UnitState())
         writer = self._writer(state, unit, split)
         writer.write(record)
         state.sinks[split].end_record(record["__key__"], _tar_offset(writer))
         state.samples += 1
 
-    def _publish(self, unit: int, skipped: list[dict]) -> None:
+    def _publish(self, unit: str, skips: list[Skip], fields: dict) -> None:
+        self.check_job()
         state = self.units.pop(unit, UnitState())
         for writer in state.writers.values():
             writer.close()
-        progress = {"unit": unit, "rank": self.rank, "samples": state.samples, "shards": state.shards,
-                    "skipped": skipped}
+        report = report_name(unit) if skips else None
+        if report is not None:
+            self.fs.makedirs(posixpath.dirname(self.path(report)), exist_ok=True)
+            with self.fs.open(self.path(report), "wb") as out:
+                out.write(b"".join(json.dumps(s.to_dict()).encode() + b"\n" for s in skips))
+        progress = {"unit": unit, "rank": self.rank, **fields, "samples": state.samples, "shards": state.shards,
+                    "report": report}
+        self.check_job()
         write_json_atomic(self.fs, self.path(progress_name(unit)), progress)
         self.published.append(progress)
 

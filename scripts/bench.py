@@ -14,6 +14,8 @@ Sections (all by default; `--sections` picks some), each timing its contenders i
               batches from memory (does the data path hold the device back?).
   memory      peak memory of each lean trainer and reference step, one fresh process each, against
               the trainee-only footprint (params + grads + AdamW states + activations).
+  update      (only when named in --sections) `precompute --update` after 1% new images on a cache of
+              2,000 tiny-model images vs the fresh run (scripts/bench_update.py, which also runs alone).
 
 Sizes: tiny (smoke test), small (CPU: ~3 M prior, ~25 M UNet), full (the published architectures
 with random weights, for a GPU in bf16; see scripts/gpu_bench.sh). Writes OUT/results.json (every
@@ -50,6 +52,7 @@ import torch  # noqa: E402
 from bench_timing import Side, alternate, peak_flops  # noqa: E402
 
 SECTIONS = ("precompute", "cache", "prior", "decoder", "stream", "memory")
+OPTIONAL_SECTIONS = ("update",)  # run only when --sections names them
 PRIOR_MEMBERS = ("captions.json", "text_embeds.npy", "text_hidden.npy", "text_lengths.npy", "image_embeds.npy")
 DECODER_MEMBERS = ("image_embeds.npy", "latents.npy")
 DEFAULT_DOC = Path(SCRIPTS).parent / "docs" / "benchmarks.md"
@@ -60,7 +63,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--size", choices=sorted(setup.PRESETS), default="small",
                         help="model size: tiny (seconds, for the smoke test), small (CPU), full (GPU, bf16)")
     parser.add_argument("--sections", default=",".join(SECTIONS),
-                        help=f"comma-separated subset of {','.join(SECTIONS)} (default: all)")
+                        help=f"comma-separated subset of {','.join(SECTIONS + OPTIONAL_SECTIONS)} (default: all "
+                        f"but {','.join(OPTIONAL_SECTIONS)})")
     parser.add_argument("--out_dir", type=Path, help="work and output folder (default: bench_out/<size>)")
     parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--mixed_precision", choices=("no", "fp16", "bf16"),
@@ -79,7 +83,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="tests only: --size full code path with toy widths (runs on CPU)")
     args = parser.parse_args(argv)
     args.sections = [s for s in args.sections.split(",") if s]
-    unknown = set(args.sections) - set(SECTIONS)
+    unknown = set(args.sections) - set(SECTIONS) - set(OPTIONAL_SECTIONS)
     if unknown:
         parser.error(f"unknown sections {sorted(unknown)}")
     args.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -260,6 +264,11 @@ class Bench:
                 out[f"{kind}_{side}"] = run_child({**spec, "side": side, "argv": argv}, Path(__file__))
         return out
 
+    def section_update(self) -> dict:
+        from bench_update import bench_update
+
+        return bench_update(self.prior_dir, self.decoder_dir, self.work / "update", log=self.log)
+
     def save(self) -> None:
         from bench_report import render
 
@@ -271,7 +280,7 @@ class Bench:
     def run(self) -> dict:
         peak_dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         self.results["peak_flops"] = peak_flops(self.device, peak_dtype)
-        order = [s for s in SECTIONS if s in self.args.sections]
+        order = [s for s in SECTIONS + OPTIONAL_SECTIONS if s in self.args.sections]
         for name in order:
             self.log(f"section {name}")
             try:

@@ -27,13 +27,13 @@ def preprocessed_batches(argv: list[str], models, device: torch.device) -> list[
     """The batches precompute would encode for `argv` (its own stream, in this one process), tokenized, on `device`."""
     from precompute import encode as enc
     from precompute.config import parse_args
-    from precompute.main import plan
+    from precompute.plan import make_plan
     from precompute.units import build_stream
 
     config = dataclasses.replace(parse_args(argv), num_workers=0)  # preprocessing timed in this process
-    dataset, units = plan(config)
+    plan = make_plan(config)
     batches = []
-    for batch in build_stream(config, dataset, units, models.image_processor, latents=True):
+    for batch in build_stream(config, plan.source, plan.units, models.image_processor, latents=True):
         if not batch.samples:
             continue
         captions = [c for sample in batch.samples for c in sample.captions]

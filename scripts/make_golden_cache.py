@@ -32,10 +32,10 @@ CREATED = "2026-01-01T00:00:00+00:00"  # pinned: the manifest's only time-depend
 LOCATION = "tests/data/golden"  # pinned --output_dir recorded in the manifest, wherever the files are written
 EMBED, HIDDEN, MAX_LENGTH, RESOLUTION = 4, 4, 8, 16  # E, H, T, r
 LATENTS = (4, RESOLUTION // 8, RESOLUTION // 8)  # [4, r/8, r/8]
-UNIT = 0
+UNIT = "0123456789abcdef"  # a unit id (format.UNIT_ID_CHARS hex digits); a real run's is a content address
 # Two records: one with two captions of different lengths (the ragged text_hidden), one with one.
 CAPTIONS = ([["a red circle", "a small red circle on white"], [3, 5]], [["a blue square"], [2]])
-SKIPPED = {"key": "golden-unreadable", "reason": "undecodable: synthetic skip"}
+SKIPPED = {"kind": "image", "source": "golden/unreadable.jpg", "member": None, "reason": "undecodable: synthetic skip"}
 PROMPT = "a red circle"
 
 
@@ -56,7 +56,8 @@ def expected_records() -> list[dict]:
             fmt.IMAGE_EMBEDS: synthetic((EMBED,), 10 * i + 3),  # [E]
             fmt.LATENTS: synthetic(LATENTS, -10 * i - 4),  # [4, r/8, r/8]
         }
-        meta = {"key": f"golden-{i}", "width": RESOLUTION, "height": RESOLUTION, "source": "synthetic"}
+        meta = {"key": f"golden-{i}", "input": "imagefolder", "source": f"golden-{i}.png", "width": RESOLUTION,
+                "height": RESOLUTION, "image_sha256": f"{i:064x}"}
         records.append({"key": fmt.record_key(UNIT, i), "captions": captions, "meta": meta, "arrays": arrays})
     return records
 
@@ -85,7 +86,7 @@ def identities() -> dict[str, fmt.EncoderIdentity]:
 
 
 def make_golden_cache(out: Path) -> list[Path]:
-    """Write the golden shard and manifest.json into `out` (created if needed); returns their paths."""
+    """Write the golden shard, its index, the unit's report and manifest.json into `out`; returns their paths."""
     config = PrecomputeConfig(output_dir=LOCATION, input_shards="synthetic.tar", resolution=RESOLUTION,
                               dtype="fp16", samples_per_shard=len(CAPTIONS), validation_prompts=[PROMPT])
     store = fmt.FLOAT_DTYPES[config.dtype]
@@ -96,13 +97,19 @@ def make_golden_cache(out: Path) -> list[Path]:
         for record in expected_records():
             writer.put(UNIT, fmt.TRAIN_SPLIT, fmt.make_record(record["key"], record["captions"], record["meta"],
                                                               record["arrays"], store))
-        writer.end_unit(UNIT, [SKIPPED])
+        records = [[r["meta"]["source"], "synthetic", r["key"], r["meta"]["image_sha256"]] for r in expected_records()]
+        counts = {"images": len(records) + 1, "encoded": len(records), "copied": 0, "skipped": 1, "unreadable": 0,
+                  "other": 0}
+        writer.end_unit(UNIT, [fmt.Skip.from_dict(SKIPPED)], {"split": fmt.TRAIN_SPLIT, "inputs": {},
+                                                              "records": records, "counts": counts})
         progress = writer.close()
         shard = fmt.shard_name(fmt.TRAIN_SPLIT, UNIT, 0)
-        for name in (shard, index_name(shard)):
+        names = [shard, index_name(shard), fmt.report_name(UNIT)]
+        for name in names:
+            (out / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(Path(tmp) / name, out / name)
     write_manifest(str(out), assemble_manifest(config, identities(), manifest_entries(), progress, created=CREATED))
-    return [out / shard, out / index_name(shard), out / fmt.MANIFEST_NAME]
+    return [out / name for name in names] + [out / fmt.MANIFEST_NAME]
 
 
 def main() -> None:

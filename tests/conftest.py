@@ -76,6 +76,25 @@ def read_cache(cache: str | Path, split: str | None = "train", keys: list[str] |
     return [by_key[key] for key in keys]
 
 
+def first_train_batch(cache: str | Path) -> list[str]:
+    """Source keys of the batch precompute formed around the first training sample of an imagefolder `cache` (the
+    planned units' inputs in order, `batch_size` at a time), for tests that compare with a reference computed on
+    the very same batch. Refuses a batch that also holds held-out samples."""
+    import json
+
+    from precompute import format as fmt
+    from precompute.config import PrecomputeConfig
+    from precompute.plan import make_plan
+
+    config = PrecomputeConfig(**json.loads((Path(cache) / fmt.MANIFEST_NAME).read_text())["config"])
+    entries = [(e.sid, u.split) for u in make_plan(config).units for e in u.entries]
+    start = next(i for i, (_, split) in enumerate(entries) if split == fmt.TRAIN_SPLIT)
+    start -= start % config.batch_size
+    batch = entries[start : start + config.batch_size]
+    assert {split for _, split in batch} == {fmt.TRAIN_SPLIT}, "holdout and batch size do not line up"
+    return [sid.rpartition(".")[0] for sid, _ in batch]
+
+
 def run_precompute(models: tuple[Path, Path], out: Path, *extra: str, source: list[str] | None = None) -> int:
     """Run `python -m precompute` in-process on the tiny models; returns the exit code."""
     from precompute.main import main

@@ -36,7 +36,7 @@ def run(command: str, cache: Path, tmp_path: Path, *flags: str) -> int:
      "is not a Kandinsky 2.2 prior pipeline folder (no prior subfolder); it is a KandinskyV22Pipeline folder: give "
      "the prior pipeline's folder"),
     (lambda p, d: ["--pretrained_prior_model_name_or_path", str(p / "prior")],
-     f"(no prior, scheduler subfolder); it is the prior/ subfolder of one: give "),
+     "(no prior, scheduler subfolder); it is the prior/ subfolder of one: give "),
     (lambda p, d: ["--pretrained_prior_model_name_or_path", str(p), "--pretrained_decoder_model_name_or_path", str(p)],
      "is not a Kandinsky 2.2 decoder pipeline folder (no unet, movq subfolder); it is a KandinskyV22PriorPipeline"),
 ])

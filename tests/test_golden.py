@@ -9,7 +9,7 @@ import hashlib
 
 import fsspec
 import numpy as np
-from make_golden_cache import (CREATED, GOLDEN, PROMPT, SKIPPED, expected_records, make_golden_cache,
+from make_golden_cache import (CREATED, GOLDEN, PROMPT, SKIPPED, UNIT, expected_records, make_golden_cache,
                                manifest_entries)
 
 from precompute import format as fmt
@@ -37,11 +37,13 @@ def test_golden_files_decode_to_the_synthetic_values():
     assert (manifest.shapes, manifest.unconditional, manifest.validation_prompts) == (shapes, unconditional, prompts)
     np.testing.assert_array_equal(reader.zero_image_embeds(manifest), unconditional.zero_image.image_embeds)
     assert [p["prompt"] for p in reader.validation_prompts(manifest)] == [PROMPT]
-    assert manifest.skipped == (fmt.Skip(**SKIPPED),) and manifest.totals.skipped == 1
+    assert list(reader.read_report(str(GOLDEN), manifest)) == [fmt.Skip(**SKIPPED)]
+    assert manifest.reports == (fmt.report_name(UNIT),) and manifest.units == (UNIT,)
+    assert (manifest.totals.images, manifest.totals.skipped) == (len(expected_records()) + 1, 1)
     expected = expected_records()
     (shard,) = manifest.shards_of(fmt.TRAIN_SPLIT)
     data = (GOLDEN / shard.name).read_bytes()
-    assert shard.name == fmt.shard_name(fmt.TRAIN_SPLIT, 0, 0) and shard.count == len(expected)
+    assert shard.name == fmt.shard_name(fmt.TRAIN_SPLIT, UNIT, 0) and shard.count == len(expected)
     assert (shard.bytes, shard.sha256) == (len(data), hashlib.sha256(data).hexdigest())
     assert manifest.totals.train == fmt.SplitTotals(len(expected), 1, len(data))
     index_bytes = (GOLDEN / index_name(shard.name)).read_bytes()
@@ -50,7 +52,7 @@ def test_golden_files_decode_to_the_synthetic_values():
     assert index == scan_tar(data, shard.name)  # what the writer recorded while streaming = what the tar holds
 
     records = read_records(reader.shard_urls(manifest, str(GOLDEN))[0], shard)
-    assert [r["__key__"] for r in records] == [e["key"] for e in expected] == ["000000_000000", "000000_000001"]
+    assert [r["__key__"] for r in records] == [e["key"] for e in expected] == [f"{UNIT}_000000", f"{UNIT}_000001"]
     for record, want in zip(records, expected):
         assert record[fmt.CAPTIONS] == want["captions"] and record[fmt.META] == want["meta"]
         for name, array in want["arrays"].items():
@@ -63,5 +65,7 @@ def test_golden_files_decode_to_the_synthetic_values():
 
 def test_writer_reproduces_the_golden_bytes(tmp_path):
     for path in make_golden_cache(tmp_path):
-        assert path.read_bytes() == (GOLDEN / path.name).read_bytes(), f"{path.name}: {REGENERATE}"
-    assert sorted(p.name for p in GOLDEN.iterdir()) == sorted(p.name for p in tmp_path.iterdir())
+        name = path.relative_to(tmp_path)
+        assert path.read_bytes() == (GOLDEN / name).read_bytes(), f"{name}: {REGENERATE}"
+    files = lambda root: sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())  # noqa: E731
+    assert files(GOLDEN) == files(tmp_path)

@@ -25,9 +25,11 @@ from PIL import Image  # noqa: E402
 
 from precompute.config import MIN_IMAGE_SIZE as MIN_SIZE  # noqa: E402 - the --min_image_size default
 from precompute.images import BadImage, center_crop, decoder_transform, load_image  # noqa: E402
-from precompute.inputs import BadCaption, normalize_captions, open_hf_dataset, open_imagefolder  # noqa: E402
+from precompute import format as fmt  # noqa: E402
+from precompute.imagefolder import ImageFolder  # noqa: E402
+from precompute.inputs import BadCaption, normalize_captions, open_hf_dataset  # noqa: E402
 from precompute.reader import expand_urls  # noqa: E402
-from precompute.wds_inputs import iter_wds_inputs  # noqa: E402
+from precompute.wds_inputs import input_tars, tar_items  # noqa: E402
 from scripts.diffusers_reference import train_transforms  # noqa: E402
 from scripts.make_sample_data import make_sample_data  # noqa: E402
 
@@ -67,7 +69,17 @@ def _png_header_only(width: int, height: int) -> bytes:
 
 
 def _as_tuples(items) -> list[tuple]:
-    return [(item.key, item.captions, item.image, item.error) for item in items]
+    return [(item.meta["key"], item.captions, item.image, item.error) for item in items]
+
+
+def iter_wds_inputs(spec: str, caption_column: str | None = None) -> list:
+    """RawItems and report entries of every tar `spec` names, in order."""
+    return [entry for url in input_tars(spec) for entry in tar_items(url, caption_column)]
+
+
+def folder_items(root) -> list:
+    folder = ImageFolder(str(root))
+    return [folder.item(sid) for sid in sorted(folder.images)]
 
 
 # ---------------------------------------------------------------- load_image
@@ -174,26 +186,27 @@ def test_normalize_captions_refuses_missing_empty_and_non_strings(cell):
 # ---------------------------------------------------------------- the three input kinds
 
 
-def test_imagefolder_and_wds_give_the_same_items(sample, hf_cache):
-    folder = open_imagefolder(sample["imagefolder"], "image", "text", cache_dir=hf_cache)
-    folder_items = [folder[i] for i in range(len(folder))]
-    wds_items = list(iter_wds_inputs(sample["shard_pattern"], "text"))
-    assert _as_tuples(folder_items) == _as_tuples(wds_items)
-    assert [item.key for item in wds_items] == sample["keys"]
+def test_imagefolder_and_wds_give_the_same_items(sample):
+    wds_items = iter_wds_inputs(sample["shard_pattern"], "text")
+    assert _as_tuples(folder_items(sample["imagefolder"])) == _as_tuples(wds_items)
+    assert [item.meta["key"] for item in wds_items] == sample["keys"]
     assert [item.captions for item in wds_items] == [sample["captions"][key] for key in sample["keys"]]
     assert wds_items[3].image == (sample["imagefolder"] / f"{sample['keys'][3]}.jpg").read_bytes()
     assert {item.error for item in wds_items} == {None}
 
 
-def test_wds_falls_back_to_txt_when_json_lacks_the_caption_column(sample):
-    items = list(iter_wds_inputs(sample["shards"][0], "caption"))
-    assert [item.captions for item in items] == [sample["captions"][item.key][:1] for item in items]
+def test_wds_default_captions_are_json_text_or_caption_else_txt(sample, tmp_path):
+    items = iter_wds_inputs(str(sample["shards"][0]))  # make_sample_data's json has "text": all captions
+    assert [item.captions for item in items] == [sample["captions"][item.meta["key"]] for item in items]
+    jpg = (sample["imagefolder"] / "000000.jpg").read_bytes()
+    _write_tar(tmp_path / "t.tar", [{"__key__": "a", "jpg": jpg, "txt": b"from txt", "json": b'{"url": "x"}'}])
+    assert [item.captions for item in iter_wds_inputs(str(tmp_path / "t.tar"))] == [["from txt"]]
 
 
 def test_hf_dataset_from_a_local_folder_uses_row_keys(sample, hf_cache):
     inputs = open_hf_dataset(str(sample["imagefolder"]), None, "train", "image", "text", cache_dir=hf_cache)
-    assert [inputs[i].key for i in range(2)] == ["00000000", "00000001"]
-    assert inputs[1].image == (sample["imagefolder"] / "000001.jpg").read_bytes()
+    assert [inputs.item(f"{i:08d}").meta["key"] for i in range(2)] == ["00000000", "00000001"]
+    assert inputs.item("00000001").image == (sample["imagefolder"] / "000001.jpg").read_bytes()
 
 
 def test_hf_dataset_with_embedded_bytes_and_bad_rows_does_not_raise(tmp_path, hf_cache):
@@ -205,7 +218,7 @@ def test_hf_dataset_with_embedded_bytes_and_bad_rows_does_not_raise(tmp_path, hf
     }
     datasets.Dataset.from_dict(rows, features=features).to_parquet(str(tmp_path / "train.parquet"))
     inputs = open_hf_dataset(str(tmp_path), None, "train", "image", "text", cache_dir=hf_cache)
-    items = [inputs[i] for i in range(len(inputs))]
+    items = [inputs.item(f"{i:08d}") for i in range(len(inputs))]
     assert [item.error for item in items[:2]] == [None, None]
     assert items[0].image == good and items[0].captions == ["a red circle"]
     with pytest.raises(BadImage):
@@ -217,9 +230,9 @@ def test_hf_dataset_with_embedded_bytes_and_bad_rows_does_not_raise(tmp_path, hf
     ("image_column", "caption_column", "named"),
     [("img", "text", "--image_column value 'img'"), ("image", "caption", "--caption_column value 'caption'")],
 )
-def test_wrong_column_names_raise_one_clear_error(sample, hf_cache, image_column, caption_column, named):
+def test_wrong_column_names_raise_one_clear_error(sample, image_column, caption_column, named):
     with pytest.raises(ValueError, match="one of: image, text") as info:
-        open_imagefolder(sample["imagefolder"], image_column, caption_column, cache_dir=hf_cache)
+        ImageFolder(str(sample["imagefolder"]), image_column, caption_column)
     assert named in str(info.value)
 
 
@@ -244,18 +257,20 @@ def test_bad_wds_samples_become_error_items_and_nothing_raises(sample, tmp_path)
     )
     _write_tar(tmp_path / "a-1.tar", [{"__key__": "good2", "png": _encode(_noise(9, 9), "PNG"), "txt": b"x"}])
 
-    items = list(iter_wds_inputs(str(tmp_path / "a-*.tar"), "caption"))
-    by_key = {item.key: item for item in items}
+    entries = iter_wds_inputs(str(tmp_path / "a-*.tar"))
+    items = [e for e in entries if not isinstance(e, fmt.Skip)]
+    by_key = {item.meta["key"]: item for item in items}
     assert by_key["good1"].error is None and by_key["good1"].captions == ["a red circle"]
-    assert by_key["noimage"].error.startswith("no_image")
+    (no_image,) = [e for e in entries if isinstance(e, fmt.Skip)][:1]
+    assert (no_image.kind, no_image.member) == ("entry", "noimage.json") and "no_image" in no_image.reason
     assert by_key["badjson"].error.startswith("bad_json")
     assert by_key["numbercaption"].error.startswith("bad_caption")
     assert by_key["good2"].error is None and by_key["good2"].image.startswith(b"\x89PNG")
-    tar_errors = [item.error for item in items if item.error and item.error.startswith("tar_error")]
-    # the repeated key's members are dropped one by one and each drop is counted, not silent
-    assert len(tar_errors) == 2 and all("duplicate" in error for error in tar_errors)
-    assert by_key["dup"].error is None and by_key["dup"].captions == ["first"]
-    assert [item.index for item in items] == list(range(len(items)))
+    # the repeated key's second image is an image input of its own, reported; its second caption too
+    dups = [item for item in items if item.meta["key"] == "dup"]
+    assert [d.error for d in dups][0] is None and dups[0].captions == ["first"]
+    assert len(dups) == 2 and dups[1].error.startswith("duplicate") and dups[1].member == "dup.jpg"
+    assert any(isinstance(e, fmt.Skip) and e.member == "dup.txt" for e in entries)
 
 
 def _member_offsets(shard: Path) -> list[int]:
@@ -271,34 +286,36 @@ def test_truncated_shards_are_reported_and_later_shards_still_read(sample, tmp_p
     (tmp_path / "s-0.tar").write_bytes(whole[:cut])
     (tmp_path / "s-1.tar").write_bytes(sample["shards"][1].read_bytes())
 
-    items = list(iter_wds_inputs(str(tmp_path / "s-*.tar"), "text"))
-    good = [item.key for item in items if item.error is None]
+    entries = iter_wds_inputs(str(tmp_path / "s-*.tar"), "text")
+    good = [item.meta["key"] for item in entries if not isinstance(item, fmt.Skip) and item.error is None]
     assert good == sample["keys"][:2] + sample["keys"][4:8]
-    assert any("truncated" in item.error for item in items if item.error)
+    (broken,) = [e for e in entries if isinstance(e, fmt.Skip)]
+    assert (broken.kind, broken.source) == ("tar", str(tmp_path / "s-0.tar")) and "unreadable after" in broken.reason
 
 
 def test_compressed_shards_are_read_and_checked_for_truncation(sample, tmp_path):
     whole = sample["shards"][0].read_bytes()
     (tmp_path / "c-0.tar.gz").write_bytes(gzip.compress(whole))
-    items = list(iter_wds_inputs(str(tmp_path / "c-0.tar.gz"), "text"))
-    assert [(item.key, item.error) for item in items] == [(key, None) for key in sample["keys"][:4]]
+    items = iter_wds_inputs(str(tmp_path / "c-0.tar.gz"), "text")
+    assert [(item.meta["key"], item.error) for item in items] == [(key, None) for key in sample["keys"][:4]]
 
     offset = _member_offsets(sample["shards"][0])[6]
     (tmp_path / "c-1.tar.gz").write_bytes(gzip.compress(whole[:offset]))  # a complete gzip of a cut tar
-    items = list(iter_wds_inputs(str(tmp_path / "c-1.tar.gz"), "text"))
-    assert [item.key for item in items if item.error is None] == sample["keys"][:2]
-    assert any("truncated" in item.error for item in items if item.error)
+    entries = iter_wds_inputs(str(tmp_path / "c-1.tar.gz"), "text")
+    assert [item.meta["key"] for item in entries[:-1]] == sample["keys"][:2]
+    assert entries[-1].kind == "tar" and "end-of-archive" in entries[-1].reason
 
 
-def test_imagefolder_keeps_subfolders_named_like_splits(sample, tmp_path, hf_cache):
+def test_imagefolder_keeps_subfolders_named_like_splits(sample, tmp_path):
     folder = tmp_path / "folder"
     shutil.copytree(sample["imagefolder"], folder)
     (folder / "test").mkdir()
     (folder / "000001.jpg").rename(folder / "test" / "000001.jpg")
     metadata = folder / "metadata.jsonl"
     metadata.write_text(metadata.read_text().replace('"000001.jpg"', '"test/000001.jpg"'))
-    inputs = open_imagefolder(folder, "image", "text", cache_dir=hf_cache)
+    inputs = ImageFolder(str(folder))
     assert len(inputs) == len(sample["keys"])  # data_dir= would move test/ into a "test" split
+    assert inputs.item("test/000001.jpg").captions == sample["captions"]["000001"]
 
 
 def test_expand_urls_sorts_dedups_and_refuses_missing_shards(sample, tmp_path):
@@ -317,13 +334,13 @@ def test_fsspec_urls_are_read_with_fsspec_open_leaving_webdataset_alone(sample):
     for shard in sample["shards"]:
         fs.pipe(f"/wds-test/{shard.name}", shard.read_bytes())
     schemes = dict(wds.gopen_schemes)
-    remote = list(iter_wds_inputs("memory://wds-test/shard-*.tar", "text"))
-    local = list(iter_wds_inputs(sample["shard_pattern"], "text"))
+    remote = iter_wds_inputs("memory://wds-test/shard-*.tar", "text")
+    local = iter_wds_inputs(sample["shard_pattern"], "text")
     assert _as_tuples(remote) == _as_tuples(local)
-    assert remote[0].meta["url"].startswith("memory://")
+    assert remote[0].meta["source"].startswith("memory://") and remote[0].sid.startswith(remote[0].source + "#")
     assert wds.gopen_schemes == schemes and "memory" not in wds.gopen_schemes  # no global opener registered
 
 
 def test_unreadable_scheme_is_one_clear_error(sample):
     with pytest.raises(ValueError, match="fsspec has no usable 'nosuchfs' filesystem"):
-        list(iter_wds_inputs("nosuchfs://bucket/shard-000000.tar", "text"))
+        iter_wds_inputs("nosuchfs://bucket/shard-000000.tar", "text")

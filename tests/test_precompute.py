@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 import webdataset as wds
-from conftest import read_cache, run_precompute
+from conftest import first_train_batch, read_cache, run_precompute
 from PIL import Image
 
 from precompute import format as fmt
@@ -66,7 +66,8 @@ def reference_encodings(models, image_paths: list[Path], captions: list[list[str
 
 def test_fidelity_fp32_matches_reference(tiny_models, sample_data, tiny_cache):
     cached = plain_read(tiny_cache)
-    keys = sample_data["keys"][8:16]  # the first training batch precompute formed (batch_size 8)
+    keys = first_train_batch(tiny_cache)  # batches never mix units: the reference sees the very same batch
+    assert len(keys) == 8
     refs = reference_encodings(tiny_models, [Path(sample_data["imagefolder"]) / f"{k}.jpg" for k in keys],
                                [sample_data["captions"][k] for k in keys], 64)
     for key, ref in zip(keys, refs):
@@ -83,10 +84,10 @@ def test_fidelity_fp32_matches_reference(tiny_models, sample_data, tiny_cache):
 
 def test_fp16_store_is_the_fp16_cast(tiny_models, sample_data, tiny_cache, tmp_path):
     out = tmp_path / "fp16"
-    assert run_precompute(tiny_models, out, "--dtype", "fp16", "--max_samples", "8", "--batch_size", "8",
-                          source=["--train_data_dir", str(sample_data["imagefolder"])]) == 0
-    half, full = plain_read(out), plain_read(tiny_cache, "validation")  # the same first 8 images, same batch
-    assert len(half) == 8
+    assert run_precompute(tiny_models, out, "--dtype", "fp16", "--samples_per_shard", "16", "--holdout_samples", "8",
+                          "--batch_size", "8", source=["--train_data_dir", str(sample_data["imagefolder"])]) == 0
+    half, full = plain_read(out, None), plain_read(tiny_cache, None)  # tiny_cache's plan: the same batches
+    assert len(half) == 64
     for key, row in half.items():
         for name in ("image_embeds.npy", "latents.npy", "text_embeds.npy", "text_hidden.npy"):
             assert row[name].dtype == np.float16
@@ -140,11 +141,13 @@ def test_manifest_contents(tiny_cache, sample_data):
         assert __import__("hashlib").sha256(data).hexdigest() == shard["sha256"]
         with tarfile.open(tiny_cache / shard["name"]) as tar:
             assert len({m.name.split(".")[0] for m in tar.getmembers()}) == shard["count"]
-    held_out = set(plain_read(tiny_cache, "validation"))
-    assert held_out == set(sample_data["keys"][:8])
+    held_out = set(plain_read(tiny_cache, "validation"))  # the 8 ids with the smallest sha256 (all usable)
+    by_hash = sorted(sample_data["keys"], key=lambda k: __import__("hashlib").sha256(f"{k}.jpg".encode()).digest())
+    assert held_out == set(by_hash[:8])
     # Benchmark figures (padded-layout sizes) are the benchmark's to compute, not the product's.
-    assert set(manifest["totals"]) == {"skipped", "train", "validation", "samples", "shards", "bytes",
-                                       "bytes_per_sample"}
+    assert set(manifest["totals"]) == {"images", "samples", "skipped", "unreadable", "other", "train", "validation",
+                                       "shards", "bytes", "bytes_per_sample"}
+    assert manifest["totals"]["images"] == 64 and manifest["reports"] == [] and len(manifest["units"]) >= 5
 
 
 def test_padded_layout_size_from_text_lengths_and_shapes(tiny_cache, monkeypatch, capsys):
@@ -187,25 +190,26 @@ def test_stream_factory_gives_the_batches_precompute_encoded(tiny_models, sample
     from transformers import CLIPImageProcessor
 
     from precompute.config import PrecomputeConfig
-    from precompute.main import plan
+    from precompute.plan import make_plan
     from precompute.units import build_stream
 
     manifest = reader.read_manifest(str(tiny_cache))
     config = PrecomputeConfig(**manifest.config)
-    dataset, units = plan(config)
+    plan = make_plan(config)
     processor = CLIPImageProcessor.from_pretrained(tiny_models[0], subfolder="image_processor")
-    seen: dict[str, list[str]] = {fmt.TRAIN_SPLIT: [], fmt.VALIDATION_SPLIT: []}
-    for batch in build_stream(config, dataset, units, processor, latents=True):
+    seen: dict[str, list[str]] = {}  # unit -> source keys, in stream order
+    for batch in build_stream(config, plan.source, plan.units, processor, latents=True):
         assert len(batch.samples) <= config.batch_size and not batch.skipped
         if batch.samples:
             assert batch.pixel_values.shape == (len(batch.samples), 3, 64, 64)
             assert batch.clip_pixel_values.shape[0] == len(batch.samples)
         for sample in batch.samples:
-            seen[sample.split].append(sample.key)
-    for split, keys in seen.items():
-        raws = wds.WebDataset(reader.shard_urls(manifest, str(tiny_cache), split), shardshuffle=False,
-                              nodesplitter=lambda x: x)
-        assert keys == [json.loads(raw["json"])["key"] for raw in raws]
+            seen.setdefault(sample.unit, []).append(sample.meta["key"])
+    assert list(seen) == [u.id for u in plan.units] == list(manifest.units)
+    for unit in plan.units:
+        (url,) = [u for u in reader.shard_urls(manifest, str(tiny_cache), unit.split) if unit.id in u]
+        raws = wds.WebDataset(url, shardshuffle=False, nodesplitter=lambda x: x)
+        assert seen[unit.id] == [json.loads(raw["json"])["key"] for raw in raws]
 
 
 def test_reader_never_unpickles(tmp_path):

@@ -19,7 +19,9 @@ from conftest import read_cache, run_precompute
 from PIL import Image
 
 from precompute import format as fmt
-from precompute.units import assign, plan_units
+from precompute import reader
+from precompute.config import PrecomputeConfig
+from precompute.plan import assign, make_plan
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -62,7 +64,7 @@ def test_sigkill_then_rerun_finishes_without_loss_or_duplicates(tiny_models, sam
 
 
 def make_bad_imagefolder(root: Path, sample_data) -> set[str]:
-    """A copy of 6 sample images plus corrupt, empty, truncated, tiny and caption-less items."""
+    """A copy of 6 sample images plus corrupt, empty, truncated, tiny and caption-less items (their file names)."""
     root.mkdir()
     rows = []
     for key in sample_data["keys"][:6]:
@@ -80,7 +82,7 @@ def make_bad_imagefolder(root: Path, sample_data) -> set[str]:
     rows.append({"file_name": "nocaption.jpg", "text": None})
     rows.append({"file_name": "emptycaption.jpg", "text": []})
     (root / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return {"corrupt", "empty", "truncated", "tiny", "nocaption", "emptycaption"}
+    return {"corrupt.jpg", "empty.jpg", "truncated.jpg", "tiny.png", "nocaption.jpg", "emptycaption.jpg"}
 
 
 def test_bad_inputs_are_skipped_and_reported(tiny_models, sample_data, tmp_path, capsys):
@@ -89,12 +91,13 @@ def test_bad_inputs_are_skipped_and_reported(tiny_models, sample_data, tmp_path,
     assert run_precompute(tiny_models, out, "--samples_per_shard", "5",
                           source=["--train_data_dir", str(tmp_path / "bad")]) == 0
     manifest = json.loads((out / "manifest.json").read_text())
-    assert {s["key"] for s in manifest["skipped"]} == bad
-    assert all(s["reason"] for s in manifest["skipped"])
+    report = list(reader.read_report(str(out)))
+    assert {s.source for s in report} == bad and all(s.reason and s.kind == "image" for s in report)
     assert manifest["totals"]["skipped"] == len(bad) and manifest["totals"]["samples"] == 6
+    assert manifest["totals"]["images"] == 12
     assert sorted(shard_keys(out)) == sample_data["keys"][:6]
     printed = capsys.readouterr().out
-    assert "6 skipped" in printed and all(f"skipped {key}:" in printed for key in bad)
+    assert "6 skipped" in printed and all(f"skipped {name}:" in printed for name in bad)
 
 
 def test_fp16_overflow_skips_the_sample(tiny_models, sample_data, tmp_path, monkeypatch):
@@ -112,9 +115,10 @@ def test_fp16_overflow_skips_the_sample(tiny_models, sample_data, tmp_path, monk
     assert run_precompute(tiny_models, out, "--max_samples", "4", "--batch_size", "4",
                           source=["--train_data_dir", str(sample_data["imagefolder"])]) == 0
     manifest = json.loads((out / "manifest.json").read_text())
-    assert [s["key"] for s in manifest["skipped"]] == [sample_data["keys"][0]]
-    assert "overflows float16" in manifest["skipped"][0]["reason"]
-    assert manifest["totals"]["samples"] == 3
+    (skip,) = reader.read_report(str(out))
+    first = sorted(sample_data["keys"])[0]  # the first row of the first batch: units hold ids in order
+    assert skip.source == f"{first}.jpg" and "overflows float16" in skip.reason
+    assert manifest["totals"]["samples"] == 3 and manifest["totals"]["images"] == 4
 
 
 def test_other_settings_in_same_dir_are_refused_unless_overwrite(tiny_models, sample_data, tmp_path, capsys):
@@ -159,17 +163,18 @@ def test_clear_error_before_any_work(tiny_models, sample_data, tmp_path, capsys,
     assert not list(out.glob("*.tar")) if out.parent.is_dir() else True
 
 
-def test_rank_split_is_disjoint_and_complete():
-    units = plan_units(103, None, samples_per_shard=10, holdout=15)
-    assert [len(u.rows) for u in units[:2]] == [10, 5] and [u.holdout for u in units[:3]] == [10, 5, 0]
-    rows = sorted(r for u in units for r in u.rows)
-    assert rows == list(range(103))
+def test_rank_split_is_disjoint_and_complete(sample_data, tmp_path):
+    config = PrecomputeConfig(output_dir=str(tmp_path), train_data_dir=str(sample_data["imagefolder"]),
+                              samples_per_shard=10, holdout_samples=15)
+    units = make_plan(config).units
+    assert all(len(u.entries) <= 10 for u in units) and len({u.id for u in units}) == len(units)
+    assert sum(len(u.entries) for u in units if u.split == fmt.VALIDATION_SPLIT) == 15
+    sids = sorted(e.sid for u in units for e in u.entries)
+    assert sids == [f"{key}.jpg" for key in sample_data["keys"]]
     for world in (1, 2, 3, 8):
         parts = [assign(units, rank, world) for rank in range(world)]
         ids = [u.id for part in parts for u in part]
-        assert sorted(ids) == [u.id for u in units] and len(ids) == len(set(ids))
-    tars = plan_units(None, ["a.tar", "b.tar", "c.tar"], samples_per_shard=10, holdout=4)
-    assert [(u.url, u.holdout) for u in tars] == [("a.tar", 4), ("b.tar", 0), ("c.tar", 0)]
+        assert sorted(ids) == sorted(u.id for u in units) and len(ids) == len(set(ids))
 
 
 @pytest.mark.slow
@@ -201,7 +206,9 @@ def test_two_processes_split_the_units_and_rank0_merges(tiny_models, sample_data
     assert result.returncode == 0, result.stderr[-2000:]
     ranks = {json.loads(p.read_text())["unit"]: json.loads(p.read_text())["rank"]
              for p in (out / "_progress").glob("unit-*.json")}
-    assert ranks == {0: 0, 1: 1, 2: 0, 3: 1}, "each rank must encode its own units"
+    config = PrecomputeConfig(output_dir=str(out), input_shards=sample_data["shard_pattern"], samples_per_shard=16,
+                              holdout_samples=4)
+    assert ranks == {u.id: i % 2 for i, u in enumerate(make_plan(config).units)}, "each rank encodes its own units"
     keys = shard_keys(out)
     assert sorted(keys) == sorted(sample_data["keys"]) and len(keys) == len(set(keys))
     assert result.stdout.count("precompute: 64 images") == 1  # only rank 0 merges and reports

@@ -13,6 +13,8 @@ from precompute import format as fmt
 from precompute.shard_index import CorruptRecord, ShardIndex, index_name, read_records, scan_tar, sha256_hex
 from precompute.writer import PROGRESS_DIR, CacheWriter
 
+UNIT = "00000000000000aa"  # a unit id: format.UNIT_ID_CHARS hex digits
+
 
 def write_shard(tmp_path, sizes: list[int]) -> tuple[bytes, ShardIndex, fmt.ShardEntry]:
     """One unit's shard whose records carry `latents` of the given byte sizes (small and above tarfile's buffer)."""
@@ -20,8 +22,8 @@ def write_shard(tmp_path, sizes: list[int]) -> tuple[bytes, ShardIndex, fmt.Shar
     writer = CacheWriter(str(tmp_path), samples_per_shard=len(sizes))
     for i, size in enumerate(sizes):
         arrays = {fmt.LATENTS: np.full(size // 4, i, dtype=np.float32)}
-        writer.put(0, fmt.TRAIN_SPLIT, fmt.make_record(fmt.record_key(0, i), ["c"], {"i": i}, arrays, np.float32))
-    writer.end_unit(0, [])
+        writer.put(UNIT, fmt.TRAIN_SPLIT, fmt.make_record(fmt.record_key(UNIT, i), ["c"], {"i": i}, arrays, np.float32))
+    writer.end_unit(UNIT, [])
     (progress,) = writer.close()
     entry = fmt.ShardEntry.from_dict(progress["shards"][0])
     data = (tmp_path / entry.name).read_bytes()
@@ -35,7 +37,7 @@ def test_streamed_index_equals_a_scan_of_the_tar(tmp_path):
     assert (index.bytes, len(index), entry.index.name) == (len(data), 5, index_name(entry.name))
     with io.BytesIO(data) as handle:
         got = list(read_records(handle, index, entry.name))
-    assert [key for _, key, _ in got] == [fmt.record_key(0, i) for i in range(5)]
+    assert [key for _, key, _ in got] == [fmt.record_key(UNIT, i) for i in range(5)]
     assert json.loads(got[3][2]["json"]) == {"i": 3}
 
 
@@ -60,11 +62,11 @@ def test_a_damaged_record_names_the_shard_and_the_sample(tmp_path, damage):
     records = read_records(io.BytesIO(data), index, "s3://bucket/" + entry.name)
     next(records)
     if damage == "flip":
-        with pytest.raises(CorruptRecord, match=r"s3://bucket/train-000000-000.tar: sample 000000_000001: sha256"):
+        with pytest.raises(CorruptRecord, match=rf"s3://bucket/train-{UNIT}-000.tar: sample {UNIT}_000001: sha256"):
             next(records)
     else:
         next(records)
-        with pytest.raises(CorruptRecord, match=r"sample 000000_000002: the shard ends"):
+        with pytest.raises(CorruptRecord, match=rf"sample {UNIT}_000002: the shard ends"):
             next(records)
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import read_cache
+from conftest import first_train_batch, read_cache
 from diffusers import DDPMScheduler, UNet2DConditionModel
 from PIL import Image
 
@@ -94,7 +94,7 @@ def test_training_loss_matches_reference_step(tiny_models, sample_data, tiny_cac
     decoder_dir = tiny_models[1]
     unet = UNet2DConditionModel.from_pretrained(decoder_dir, subfolder="unet").train()
     noise_scheduler = ref.decoder_noise_scheduler(decoder_dir)
-    keys = sample_data["keys"][8:16]  # the first training batch precompute formed (batch_size 8)
+    keys = first_train_batch(tiny_cache)  # the first training batch precompute formed (batch_size 8)
     images = [Image.open(Path(sample_data["imagefolder"]) / f"{k}.jpg").convert("RGB") for k in keys]
     transform = DecoderSampleTransform()  # no dropout: the cached image_embeds as they are
     batch = DecoderCollate()([transform(s, np.random.default_rng(0)) for s in read_cache(tiny_cache, keys=keys)])

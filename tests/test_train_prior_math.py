@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import diffusers_reference as ref
 import numpy as np
 import pytest
@@ -26,7 +28,8 @@ def test_cached_loss_equals_reference_step(tiny_models, tiny_cache, snr_gamma):
     assert len(samples) == len(TIMESTEPS), "cache too small"
     choices = [i % len(s[fmt.CAPTIONS]) for i, s in enumerate(samples)]  # several caption slots, fixed on both sides
     # What datasets' Image feature does for the reference: PIL open + EXIF transpose.
-    images = [ImageOps.exif_transpose(Image.open(s[fmt.META]["path"])) for s in samples]
+    folder = json.loads((tiny_cache / fmt.MANIFEST_NAME).read_text())["config"]["train_data_dir"]
+    images = [ImageOps.exif_transpose(Image.open(f"{folder}/{s[fmt.META]['source']}")) for s in samples]
     captions = [s[fmt.CAPTIONS][c] for s, c in zip(samples, choices)]
     items = [{"image_embeds": s[fmt.IMAGE_EMBEDS], "text_embeds": s[fmt.TEXT_EMBEDS][c],
               "text_hidden": fmt.split_hidden(s[fmt.TEXT_HIDDEN], s[fmt.TEXT_LENGTHS])[c]}
