@@ -78,10 +78,10 @@ class LeanTrainer:
 
     def step(self, batch: dict[str, torch.Tensor]) -> int:
         """One optimisation step on a host batch, as train/loop.py runs it; returns the batch size."""
-        from train.loop import train_step
+        from train.loop import to_device, train_step
 
         accelerator = self.accelerator
-        batch = {k: v.to(accelerator.device, non_blocking=True) for k, v in batch.items()}
+        batch = to_device(batch, accelerator.device)
         if "text_mask" in batch:
             self.text_tokens.append(int(batch["text_mask"].shape[1]))
         loss = train_step(accelerator, self.module, self.objective, batch, self.optimizer, self.lr_scheduler,

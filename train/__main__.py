@@ -9,6 +9,9 @@ import sys
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # before transformers is imported
 
 from .config import parse_config  # noqa: E402
+from precompute.shard_index import CorruptRecord  # noqa: E402
+from precompute.verify import CorruptShard  # noqa: E402
+
 from .decoder import DecoderObjective  # noqa: E402
 from .loop import Refused, train  # noqa: E402
 from .prior import PriorObjective  # noqa: E402
@@ -24,7 +27,11 @@ def load_objective_class(command: str) -> type:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Parse the command and its flags, train, and return the exit code (2 = refused before step 1)."""
+    """Parse the command and its flags, train, and return the exit code.
+
+    2: refused before step 1, or stopped mid-run by a corrupt record; the reason is one line on
+    stderr (`train prior: error: ...`), never a traceback.
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in OBJECTIVES:
         print(USAGE, file=sys.stderr)
@@ -39,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         train(config, objective_class(config))
-    except Refused as exc:
+    except (Refused, CorruptRecord, CorruptShard) as exc:  # before step 1, or a corrupt record mid-run
         print(f"train {command}: error: {exc}", file=sys.stderr)
         return 2
     return 0

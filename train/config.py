@@ -133,6 +133,13 @@ class TrainConfig:
     validation_samples: int = field(
         default=64, metadata={"help": "Held-out samples (validation shards) scored at each validation."}
     )
+    on_corrupt: Literal["error", "skip"] = field(
+        default="error",
+        metadata={"help": "A record that fails verification (sha256 against its shard index; dtype, shape or a "
+                  "non-finite value against the manifest): error (default) stops the job naming the shard and "
+                  "the sample; skip leaves it out, counts it (trackers: skipped_records) and lists it at the end. "
+                  "A shard whose size differs from the manifest's is always refused before step 1."},
+    )
     cpu_mmap_threshold_kb: Optional[int] = field(
         default=None,
         metadata={"help": "CPU training on Linux/glibc only: serve allocations above this many KiB with mmap "

@@ -186,7 +186,7 @@ class DecoderObjective(ObjectiveBase):
         self.zero_image_embeds = reader.zero_image_embeds(source.manifest)  # [E]
         limit = max(self.config.validation_samples, self.config.validation_images)
         if self.config.validation_steps and limit:
-            held_out = load_validation(source, TRAIN_MEMBERS, limit)
+            held_out = load_validation(source, TRAIN_MEMBERS, limit, self.config.on_corrupt)
             self.validation = DecoderValidation(self.config, self.noise_scheduler, held_out, self.zero_image_embeds,
                                                 loss=training_loss)
 

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import logging
 import math
+from collections import Counter
 import os
+from contextlib import closing
 from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import ProjectConfiguration, gather_object, set_seed
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
@@ -45,12 +47,18 @@ def make_loader(config: TrainConfig, objective: Objective, source: CacheSource, 
     return build_loader(source, seed=config.seed, rank=rank, world_size=world,
                         num_workers=config.dataloader_num_workers, batch_size=config.train_batch_size,
                         shuffle_buffer=config.shuffle_buffer, members=objective.members,
-                        transform=objective.sample_transform(), collate=objective.collate(), state=state,
+                        transform=objective.sample_transform(), collate=objective.collate(),
+                        on_corrupt=config.on_corrupt, state=state,
                         bucketing=objective.bucketing())
 
 
+def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """The batch with its tensors on `device` (non-blocking); other fields (the sample keys) as they are."""
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
 def train_step(accelerator: Accelerator, module: torch.nn.Module, objective: Objective,
-               batch: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer, lr_scheduler: Any,
+               batch: dict[str, Any], optimizer: torch.optim.Optimizer, lr_scheduler: Any,
                max_grad_norm: float) -> torch.Tensor:
     """One micro-batch of training, exactly as `train` runs it; returns its loss, detached (a scalar).
 
@@ -149,31 +157,33 @@ def train(config: TrainConfig, objective: Objective) -> dict[str, Any]:
     progress = tqdm(total=max_steps, initial=global_step, desc="steps", disable=not accelerator.is_local_main_process)
     history: list[tuple[int, dict]] = []
     step_loss = 0.0
-    while global_step < max_steps:
-        batch = {k: v.to(accelerator.device, non_blocking=True) for k, v in next(loader).items()}
-        loss = train_step(accelerator, module, objective, batch, optimizer, lr_scheduler, config.max_grad_norm)
-        step_loss += accelerator.gather(loss).mean().item() / config.gradient_accumulation_steps
-        if not accelerator.sync_gradients:
-            continue
+    with progress, closing(loader):  # closed also when the job stops: a clean last line, no stray workers
+        while global_step < max_steps:
+            batch = to_device(next(loader), accelerator.device)
+            loss = train_step(accelerator, module, objective, batch, optimizer, lr_scheduler, config.max_grad_norm)
+            step_loss += accelerator.gather(loss).mean().item() / config.gradient_accumulation_steps
+            if not accelerator.sync_gradients:
+                continue
 
-        if ema is not None:
-            ema.step(model.parameters())
-        global_step += 1
-        losses.append(step_loss)
-        if loss_log is not None:
-            loss_log.append(global_step, step_loss)
-        lr = lr_scheduler.get_last_lr()[0]
-        accelerator.log({"train_loss": step_loss, "lr": lr, "epoch": global_step / steps_per_epoch}, step=global_step)
-        progress.update(1)
-        progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}")
-        step_loss = 0.0
+            if ema is not None:
+                ema.step(model.parameters())
+            global_step += 1
+            losses.append(step_loss)
+            if loss_log is not None:
+                loss_log.append(global_step, step_loss)
+            lr = lr_scheduler.get_last_lr()[0]
+            logs = {"train_loss": step_loss, "lr": lr, "epoch": global_step / steps_per_epoch}
+            if config.on_corrupt == "skip":
+                logs["skipped_records"] = loader.state["skipped_records"]  # this process's
+            accelerator.log(logs, step=global_step)
+            progress.update(1)
+            progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}")
+            step_loss = 0.0
 
-        if global_step % config.checkpointing_steps == 0:
-            save_checkpoint(accelerator, config, global_step, loader)
-        if config.validation_steps and global_step % config.validation_steps == 0 and global_step < max_steps:
-            history.append((global_step, validate(accelerator, objective, model, ema, global_step)))
-    progress.close()
-    loader.close()
+            if global_step % config.checkpointing_steps == 0:
+                save_checkpoint(accelerator, config, global_step, loader)
+            if config.validation_steps and global_step % config.validation_steps == 0 and global_step < max_steps:
+                history.append((global_step, validate(accelerator, objective, model, ema, global_step)))
 
     accelerator.wait_for_everyone()
     if ema is not None:
@@ -181,7 +191,8 @@ def train(config: TrainConfig, objective: Objective) -> dict[str, Any]:
     summary = {"global_step": global_step, "losses": losses, "final_loss": losses[-1] if losses else None,
                "num_processes": world, "steps_per_epoch": steps_per_epoch, "seed": config.seed,
                "learning_rate": learning_rate, "cpu_mmap_threshold_kb": mmap_threshold_kb,
-               "output_dir": config.output_dir, "history": history, "validation": {}}
+               "output_dir": config.output_dir, "history": history, "validation": {},
+               **report_skipped(accelerator, loader)}
     if config.validation_steps:
         summary["validation"] = validate(accelerator, objective, model, None, global_step)
         history.append((global_step, summary["validation"]))
@@ -194,6 +205,19 @@ def train(config: TrainConfig, objective: Objective) -> dict[str, Any]:
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return summary
+
+
+def report_skipped(accelerator: Accelerator, loader) -> dict[str, Any]:
+    """Records skipped as corrupt on every process (`skipped_records`, `skipped`), printed when there are any."""
+    listed = [tuple(s) for s in gather_object(list(loader.state["skipped"]))]
+    count = int(accelerator.reduce(torch.tensor(loader.state["skipped_records"], device=accelerator.device),
+                                   "sum").item())
+    if count:
+        lines = [f"  {url}" + (f" ({n} records: the whole shard)" if key is None else f" sample {key}")
+                 + f": {reason}" for (url, key, reason), n in Counter(listed).items()]
+        accelerator.print(f"{count} corrupt record(s) skipped (--on_corrupt skip), listed by shard and sample:\n"
+                          + "\n".join(lines))
+    return {"skipped_records": count, "skipped": listed}
 
 
 def tune_cpu_heap(config: TrainConfig, accelerator: Accelerator) -> int | None:

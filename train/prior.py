@@ -189,7 +189,8 @@ class PriorObjective(ObjectiveBase):
         self.max_length = model.config.num_embeddings
         self.empty_text = reader.unconditional_text(source.manifest)
         if self.config.validation_steps:
-            held_out = load_validation(source, TRAIN_MEMBERS + (fmt.CAPTIONS,), self.config.validation_samples)
+            held_out = load_validation(source, TRAIN_MEMBERS + (fmt.CAPTIONS,), self.config.validation_samples,
+                                       self.config.on_corrupt)
             self.validation = PriorValidation(self.config, source.manifest, held_out, self.empty_text,
                                               max_length=self.max_length)
 
