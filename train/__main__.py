@@ -13,6 +13,7 @@ from precompute.shard_index import CorruptRecord  # noqa: E402
 from precompute.verify import CorruptShard  # noqa: E402
 
 from .decoder import DecoderObjective  # noqa: E402
+from .guard import Stopped  # noqa: E402
 from .loop import Refused, train  # noqa: E402
 from .prior import PriorObjective  # noqa: E402
 
@@ -29,8 +30,8 @@ def load_objective_class(command: str) -> type:
 def main(argv: list[str] | None = None) -> int:
     """Parse the command and its flags, train, and return the exit code.
 
-    2: refused before step 1, or stopped mid-run by a corrupt record; the reason is one line on
-    stderr (`train prior: error: ...`), never a traceback.
+    2: refused before step 1, or stopped mid-run by a corrupt record or a non-finite step; the
+    reason is one line on stderr (`train prior: error: ...`), never a traceback.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in OBJECTIVES:
@@ -46,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         train(config, objective_class(config))
-    except (Refused, CorruptRecord, CorruptShard) as exc:  # before step 1, or a corrupt record mid-run
+    except (Refused, Stopped, CorruptRecord, CorruptShard) as exc:  # before step 1, or bad data / a NaN mid-run
         print(f"train {command}: error: {exc}", file=sys.stderr)
         return 2
     return 0

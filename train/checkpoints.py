@@ -54,8 +54,12 @@ def register_checkpoint_hooks(accelerator: Accelerator, objective, model, ema) -
     accelerator.register_load_state_pre_hook(load_hook)
 
 
-def save_checkpoint(accelerator: Accelerator, config: TrainConfig, global_step: int, loader) -> str:
-    """`output_dir/checkpoint-N`: accelerate state, each rank's data position, then the completion marker."""
+def save_checkpoint(accelerator: Accelerator, config: TrainConfig, global_step: int, loader,
+                    nonfinite_steps: list[int] = ()) -> str:
+    """`output_dir/checkpoint-N`: accelerate state, each rank's data position, then the completion marker.
+
+    The marker (`train_state.json`) holds the step and, when there were any, the non-finite steps skipped.
+    """
     path = os.path.join(config.output_dir, f"checkpoint-{global_step}")
     if accelerator.is_main_process and config.checkpoints_total_limit is not None:
         old = list_checkpoints(config.output_dir, complete_only=False)
@@ -70,7 +74,8 @@ def save_checkpoint(accelerator: Accelerator, config: TrainConfig, global_step: 
     if accelerator.is_main_process:
         config.save(path)
         with open(os.path.join(path, TRAIN_STATE), "w") as handle:
-            json.dump({"global_step": global_step}, handle)
+            json.dump({"global_step": global_step, **({"nonfinite_steps": list(nonfinite_steps)}
+                                                         if nonfinite_steps else {})}, handle)
         logger.info("saved state to %s", path)
     return path
 
@@ -117,11 +122,11 @@ def resolve_seed(config: TrainConfig, resume_dir: str | None) -> int:
     return seed[0]
 
 
-def load_train_state(accelerator: Accelerator, resume_dir: str) -> tuple[int, dict]:
-    """Restore accelerate's state; return (global_step, this rank's data position)."""
+def load_train_state(accelerator: Accelerator, resume_dir: str) -> tuple[int, dict, list[int]]:
+    """Restore accelerate's state; return (global_step, this rank's data state, the non-finite steps skipped)."""
     accelerator.load_state(resume_dir)
     with open(os.path.join(resume_dir, TRAIN_STATE)) as handle:
         saved = json.load(handle)
     with open(os.path.join(resume_dir, f"data_state_{accelerator.process_index}.json")) as handle:
         data_state = json.load(handle)
-    return saved["global_step"], data_state
+    return saved["global_step"], data_state, list(saved.get("nonfinite_steps", []))
