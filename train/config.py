@@ -158,6 +158,12 @@ class TrainConfig:
                   "update is skipped). error (default) then stops the job at the next read-back (see "
                   "--logging_steps) naming the steps and their samples; skip goes on and counts them."},
     )
+    allow_encoder_mismatch: bool = field(
+        default=False,
+        metadata={"help": "Train even though the base model's frozen encoders (which the export bundles) are not "
+                  "the weights that encoded the cache (their identities in the manifest differ); the model card "
+                  "then says so. Default: refuse before step 1, naming the parts."},
+    )
     cpu_mmap_threshold_kb: Optional[int] = field(
         default=None,
         metadata={"help": "CPU training on Linux/glibc only: serve allocations above this many KiB with mmap "

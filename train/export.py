@@ -16,6 +16,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from .frozen import card_line
+
 logger = logging.getLogger(__name__)
 
 MODEL_INDEX = "model_index.json"
@@ -97,6 +99,7 @@ def write_model_card(output_dir: str, *, base_model: str, title: str, usage: str
         f"* Learning rate: {config.learning_rate} ({config.lr_scheduler}, warmup {config.lr_warmup_steps})",
         f"* Min-SNR gamma: {config.snr_gamma}; EMA: {config.use_ema}; mixed precision: {config.mixed_precision}",
         f"* Final training loss: {summary.get('final_loss')}",
+        card_line(summary.get("encoders")),
         *[f"* {name}: {value:.4f}" for name, value in metrics.items()],
         "",
         "![loss curve](./loss_curve.png)" if os.path.exists(os.path.join(output_dir, "loss_curve.png")) else "",

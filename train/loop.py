@@ -30,6 +30,7 @@ from .guard import StepGuard
 from .loader import KEYS, build_loader
 from .loss_log import LossLog, read_losses, run_dir
 from .export import draw_loss_curve
+from .frozen import check_frozen_parts
 from .objective import Objective
 from .readback import ReadBack
 from .source import CacheSource, resolve_source
@@ -116,6 +117,7 @@ def train(config: TrainConfig, objective: Objective) -> dict[str, Any]:
         source = resolve_source(config.shards, config.manifest)
         model = objective.load_model()
         objective.check_manifest(source.manifest, model)
+        encoders = check_frozen_parts(source.manifest, objective.frozen_parts(), config.allow_encoder_mismatch)
         objective.setup(model, source, accelerator.device)
     except (ValueError, OSError) as exc:
         raise Refused(str(exc)) from exc
@@ -199,7 +201,8 @@ def train(config: TrainConfig, objective: Objective) -> dict[str, Any]:
     summary = {"global_step": global_step, "losses": losses, "final_loss": losses[-1] if losses else None,
                "num_processes": world, "steps_per_epoch": steps_per_epoch, "seed": config.seed,
                "learning_rate": learning_rate, "cpu_mmap_threshold_kb": mmap_threshold_kb,
-               "output_dir": config.output_dir, "history": history, "validation": {}, **read_back.finish()}
+               "output_dir": config.output_dir, "history": history, "validation": {}, "encoders": encoders,
+               **read_back.finish()}
     if config.validation_steps:
         summary["validation"] = validate(accelerator, objective, model, None, global_step)
         history.append((global_step, summary["validation"]))
@@ -254,8 +257,8 @@ def make_optimizer(config: TrainConfig, params: list, learning_rate: float,
     or bitsandbytes' 8-bit one with --use_8bit_adam.
 
     Fused (the default) falls back to foreach with a warning where torch has no fused kernel for
-    the parameters' dtype on `device` (default: where the parameters are now). Raises ImportError with the install command when
-    --use_8bit_adam is asked without bitsandbytes.
+    the parameters' dtype on `device` (default: where the parameters are now). Raises ImportError
+    with the install command when --use_8bit_adam is asked without bitsandbytes.
     """
     kwargs = dict(lr=learning_rate, betas=(config.adam_beta1, config.adam_beta2),
                   weight_decay=config.adam_weight_decay, eps=config.adam_epsilon)

@@ -182,6 +182,11 @@ class PriorObjective(ObjectiveBase):
     def check_manifest(self, manifest: fmt.Manifest, model: PriorTransformer) -> None:
         check_manifest(manifest, model)
 
+    def frozen_parts(self) -> dict[str, tuple[str, str]]:
+        """The encoders the exported pipeline bundles, as they must match the cache's (train/frozen.py)."""
+        path = self.config.pretrained_prior_model_name_or_path
+        return {name: (path, name) for name in FROZEN_COMPONENTS if name != "scheduler"}
+
     def setup(self, model: PriorTransformer, source: CacheSource, device: torch.device) -> None:
         """Clone clip_mean/clip_std before training (as the reference) and read the held-out data."""
         self.clip_mean = model.clip_mean.detach().clone().float().to(device)  # [1, E]
