@@ -21,8 +21,6 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
-from precompute import format as fmt
-
 from .checkpoints import find_checkpoint, load_train_state, register_checkpoint_hooks, resolve_seed, save_checkpoint
 from .config import TrainConfig
 from .cpu_heap import limit_cpu_heap_fragmentation
@@ -140,7 +138,7 @@ def train(config: TrainConfig, objective: Objective) -> dict[str, Any]:
                                    accelerator.device)
     except ImportError as exc:
         raise Refused(str(exc)) from exc
-    num_samples = source.manifest.count(fmt.TRAIN_SPLIT)
+    num_samples = source.num_samples  # of the selected shards: an epoch is one pass over what --shards names
     samples_per_step = config.train_batch_size * world * config.gradient_accumulation_steps
     steps_per_epoch = math.ceil(num_samples / samples_per_step)
     max_steps = config.max_train_steps or config.num_train_epochs * steps_per_epoch
