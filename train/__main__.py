@@ -50,7 +50,28 @@ def main(argv: list[str] | None = None) -> int:
     except (Refused, Stopped, CorruptRecord, CorruptShard) as exc:  # before step 1, or bad data / a NaN mid-run
         print(f"train {command}: error: {exc}", file=sys.stderr)
         return 2
+    except RuntimeError as exc:
+        if not lost_a_peer(exc):
+            raise
+        rank = os.environ.get("RANK", "?")
+        print(f"train {command}: error: process {rank} stopped because another one did (its error says why): "
+              f"{str(exc).splitlines()[0][:200]}", file=sys.stderr)
+        return 1
     return 0
+
+
+# What the gloo and NCCL backends raise in a process whose peer has exited (the launcher then stops it).
+PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "NCCL communicator was aborted")
+
+
+def lost_a_peer(error: RuntimeError) -> bool:
+    """Whether `error` is a collective failing because another process of the job exited.
+
+    Under torchrun, a process that stops on a corrupt record exits with its one line; the others,
+    waiting in a collective, fail at once, before the launcher stops them: they say so in one line
+    too instead of a traceback. Any other RuntimeError is a bug and keeps its traceback.
+    """
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and any(sign in str(error) for sign in PEER_LOST)
 
 
 if __name__ == "__main__":
