@@ -3,6 +3,7 @@ or its bad records are skipped and counted under --on_corrupt skip; nothing dama
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -165,3 +166,35 @@ def test_skip_trains_on_everything_else_and_reports_what_it_left_out(train_prior
     assert all(math.isfinite(x) for x in summary["losses"])
     weights = load_file(str(tmp_path / "out" / "prior" / WEIGHTS))
     assert all(torch.isfinite(t).all() for t in weights.values())
+
+
+class Crashing(PriorObjective):
+    """Dies at the first micro-batch of step 12, like a preempted job."""
+
+    calls = 0
+
+    def loss(self, module, batch):
+        Crashing.calls += 1
+        if Crashing.calls == 12:
+            raise KeyboardInterrupt("preempted")
+        return super().loss(module, batch)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_under_skip_is_exact(train_prior, tiny_cache, tmp_path, workers):
+    cache = copy_cache(tiny_cache, tmp_path / "cache")
+    keys = [damage_record(cache, CONSISTENT["nan_image_embeds"][0], position) for position in (1, 6, 11)]
+    flags = ("--max_train_steps", "20", "--checkpointing_steps", "5", "--on_corrupt", "skip", "--shuffle_buffer", "10",
+             "--dataloader_num_workers", str(workers))
+    straight = train_prior(tmp_path / "straight", cache, *flags)
+    Crashing.calls = 0
+    with pytest.raises(KeyboardInterrupt):
+        train_prior(tmp_path / "run", cache, *flags, objective_class=Crashing)
+    saved = sum(json.loads(p.read_text())["skipped_records"] for p in (tmp_path / "run" / "checkpoint-10").glob(
+        "data_state_*.json"))
+    resumed = train_prior(tmp_path / "run", cache, *flags, "--resume_from_checkpoint", "latest")
+    assert 0 < saved < straight["skipped_records"]  # skips on both sides of the checkpoint
+    assert resumed["losses"] == straight["losses"]  # bit for bit
+    assert (resumed["skipped_records"], resumed["skipped"]) == (straight["skipped_records"], straight["skipped"])
+    assert {key for _, key, _ in straight["skipped"]} == set(keys)
