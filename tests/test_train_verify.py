@@ -51,7 +51,7 @@ CONSISTENT = {  # damage -> (record edit, members read, words of the reason)
 }
 
 
-def loader(cache: Path, members: tuple[str, ...], on_corrupt: str = "error", **kwargs):
+def loader(cache: Path | str, members: tuple[str, ...], on_corrupt: str = "error", **kwargs):
     return build_loader(resolve_source([str(cache)]), seed=0, rank=0, world_size=1, num_workers=0, batch_size=4,
                         shuffle_buffer=8, members=members, transform=lambda s, rng: s, collate=lambda s: {},
                         on_corrupt=on_corrupt, **kwargs)
@@ -198,3 +198,30 @@ def test_resume_under_skip_is_exact(train_prior, tiny_cache, tmp_path, workers):
     assert resumed["losses"] == straight["losses"]  # bit for bit
     assert (resumed["skipped_records"], resumed["skipped"]) == (straight["skipped_records"], straight["skipped"])
     assert {key for _, key, _ in straight["skipped"]} == set(keys)
+
+
+def test_a_cache_on_object_storage_is_verified_the_same_way(tiny_cache):
+    """memory:// stands for s3:// (fsspec): sizes come from one listing, records by byte range."""
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    for path in tiny_cache.glob("*.*"):  # shards, indexes, manifest (not _progress/)
+        fs.pipe(f"/verified-cache/{path.name}", path.read_bytes())
+    keys = epoch(loader("memory://verified-cache", PRIOR_MEMBERS))
+    assert len(set(keys)) == 56
+    shard = first_train_shard(tiny_cache)
+    fs.pipe(f"/verified-cache/{shard}", (tiny_cache / shard).read_bytes()[:-512])
+    with pytest.raises(ValueError, match=f"memory://verified-cache/{shard} has"):
+        resolve_source(["memory://verified-cache"])
+    fs.rm("/verified-cache", recursive=True)
+
+
+def test_validation_shards_are_checked_only_when_validation_reads_them(train_prior, tiny_cache, tmp_path):
+    from train.loop import Refused
+
+    cache = copy_cache(tiny_cache, tmp_path / "cache")
+    (shard,) = cache.glob("validation-*.tar")
+    shard.write_bytes(shard.read_bytes()[:-1024])
+    with pytest.raises(Refused, match=f"{shard.name} has"):
+        train_prior(tmp_path / "a", cache, "--max_train_steps", "1", "--validation_steps", "1")
+    assert train_prior(tmp_path / "b", cache, "--max_train_steps", "1")["global_step"] == 1  # no validation

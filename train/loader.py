@@ -26,7 +26,7 @@ from precompute.verify import CorruptShard, RecordReader, RecordSpec
 
 from .order import (Bucketing, buffer_order, data_layout, epoch_shards, layout_changes, length_bucketed,
                     restart_state)
-from .source import CacheSource, Shard
+from .source import CacheSource, Shard, check_sizes
 
 logger = logging.getLogger(__name__)
 
@@ -256,9 +256,11 @@ def load_validation(source: CacheSource, members: tuple[str, ...], limit: int,
                     on_corrupt: str = "error") -> list[dict]:
     """The first `limit` verified samples of the validation split, in manifest order (main process only).
 
-    A record that fails verification raises CorruptRecord / CorruptShard, or with `on_corrupt="skip"`
-    is left out with a warning naming it.
+    A shard whose size differs from the manifest's raises ValueError (`check_sizes`); a record that
+    fails verification raises CorruptRecord / CorruptShard, or with `on_corrupt="skip"` is left out
+    with a warning naming it.
     """
+    check_sizes(source.validation)
     records = RecordReader(RecordSpec.of(source.manifest, members), lambda error: on_corrupt == "skip")
     samples: list[dict] = []
     for shard in source.validation:

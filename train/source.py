@@ -75,8 +75,8 @@ def resolve_source(shards: list[str], manifest: str | None = None) -> CacheSourc
 
     Shards must be listed in the manifest: their entries drive epoch math, exact resume and
     verification. Raises FileNotFoundError (no manifest, or a pattern matching nothing), ValueError
-    (a shard the manifest does not list as a training shard, or whose size differs from the
-    manifest's) and the reader's FormatError.
+    (a shard the manifest does not list as a training shard, or a training shard whose size differs
+    from the manifest's) and the reader's FormatError.
     """
     if len(shards) == 1 and manifest is None and _is_cache_root(shards[0]):
         location = shards[0]
@@ -94,6 +94,5 @@ def resolve_source(shards: list[str], manifest: str | None = None) -> CacheSourc
                              f"e.g. {unknown[0]}: their sample counts are unknown")
         location = reader.cache_root(location)
         train = [Shard(u, entries[posixpath.basename(u)]) for u in urls]
-    source = CacheSource(loaded, location, train, _shards(loaded, location, fmt.VALIDATION_SPLIT))
-    check_sizes(source.train + source.validation)
-    return source
+    check_sizes(train)  # the validation shards are checked where they are read (train/loader.py)
+    return CacheSource(loaded, location, train, _shards(loaded, location, fmt.VALIDATION_SPLIT))
