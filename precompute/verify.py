@@ -97,9 +97,20 @@ class RecordSpec:
             if lengths.min() < 1 or lengths.max() > self.shapes.max_length:
                 return f"text_lengths {lengths.tolist()} outside 1..{self.shapes.max_length}"
         for name in fmt.ARRAY_MEMBERS:
-            if name != fmt.TEXT_LENGTHS and name in sample and not np.isfinite(sample[name]).all():
+            if name != fmt.TEXT_LENGTHS and name in sample and not all_finite(sample[name]):
                 return f"{name} holds non-finite values (NaN or Inf)"
         return None
+
+
+FP16_EXPONENT = 0x7C00  # all five exponent bits set: Inf or NaN
+
+
+def all_finite(array: np.ndarray) -> bool:
+    """No NaN and no Inf in a float array. fp16 is tested on its exponent bits: numpy's isfinite converts
+    each fp16 value first (measured here: ~4x slower on a typical text_hidden)."""
+    if array.dtype == np.float16:
+        return not ((array.view(np.uint16) & FP16_EXPONENT) == FP16_EXPONENT).any()
+    return bool(np.isfinite(array).all())
 
 
 def decode_members(members: dict[str, bytes], wanted: Iterable[str]) -> dict[str, Any]:

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from precompute import format as fmt
 from precompute.shard_index import CorruptRecord
-from precompute.verify import CorruptShard
+from precompute.verify import CorruptShard, all_finite
 from train.decoder import TRAIN_MEMBERS as DECODER_MEMBERS
 from train.loader import KEYS, build_loader
 from train.prior import TRAIN_MEMBERS as PRIOR_MEMBERS
@@ -71,6 +71,15 @@ def test_a_damaged_record_is_refused_naming_shard_and_sample(tiny_cache, tmp_pat
         epoch(loader(cache, members))
     assert caught.value.key == key and caught.value.url == str(cache / first_train_shard(cache))
     assert reason in caught.value.reason and f"{first_train_shard(cache)}: sample {key}" in str(caught.value)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+def test_all_finite_finds_nan_and_inf_in_both_storage_dtypes(dtype):
+    for value, finite in ((np.nan, False), (np.inf, False), (-np.inf, False), (np.finfo(dtype).max, True),
+                          (-0.0, True), (np.finfo(dtype).tiny / 2, True)):
+        array = np.ones((4, 5), dtype)
+        array[2, 3] = value
+        assert all_finite(array) == finite == bool(np.isfinite(array).all()), (dtype, value)
 
 
 @pytest.mark.parametrize("damage", ["nan_image_embeds", "int64"])
