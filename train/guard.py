@@ -83,8 +83,9 @@ class StepGuard:
         On the device path the fused kernel reads `optimizer.found_inf` (1.0: skip) and this returns
         True. Otherwise the flag is read on the host (a sync) and False means: skip `optimizer.step()`.
         """
-        if grad_norm is not None and not self.scaled:
-            self._bad = self._bad | ~torch.isfinite(grad_norm.detach())
+        if grad_norm is not None and not self.scaled:  # a tensor (DDP, one process); a float elsewhere
+            norm = torch.as_tensor(grad_norm, device=self._bad.device).detach()
+            self._bad = self._bad | ~torch.isfinite(norm)
         flag = self._bad.float()  # [] 1.0 = skip this update
         self._flags.append(flag)
         if self.scaled:
