@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
 
 import numpy as np
@@ -171,10 +171,12 @@ class _Record:
 
     @classmethod
     def from_dict(cls, data: Mapping, where: str = ""):
-        """Build from a JSON object; raises FormatError naming the first missing field."""
+        """Build from a JSON object; raises FormatError naming the first missing field without a default."""
         values = {}
         for f in fields(cls):
             key = f.metadata.get("key", f.name)
+            if isinstance(data, Mapping) and key not in data and f.default is not MISSING:
+                continue  # a field added later (a reader of older manifests gets its default)
             if not isinstance(data, Mapping) or key not in data:
                 raise FormatError(f"manifest field {where}{key} is missing")
             values[f.name] = f.metadata.get("parse", _frozen)(data[key], f"{where}{key}.")
@@ -278,13 +280,16 @@ class Totals(_Record):
 
 @dataclass(frozen=True)
 class EncoderIdentity(_Record):
-    """A frozen component that was loaded: where from, its class and config, sha256 of its files."""
+    """A frozen component that was loaded: where from, its class and config, sha256 of its files, and its
+    identity (precompute/identity.py: a digest of its weight tensors, or of its vocabulary or settings;
+    None when it could not be computed, e.g. a remote model, or in a manifest older than the field)."""
 
     path: str
     subfolder: str
     class_name: str = field(metadata={"key": "class"})
     config: dict
     sha256: dict  # file name -> hex digest
+    identity: str | None = None
 
 
 @dataclass(frozen=True)

@@ -15,23 +15,11 @@ import torch
 from . import encode as enc
 from . import format as fmt
 from .config import INPUT_LOCATION, PrecomputeConfig
+from .identity import component_folder, component_identity
 from .lock import JOB_FILE, LOCK_FILE
 from .writer import PROGRESS_DIR, RUN_FILE, progress_name, write_json_atomic
 
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.json", "*.txt")
-
-
-def _folder(path: str, subfolder: str) -> str | None:
-    """Local folder of a model component: a local path, or the hub cache (never downloads)."""
-    if os.path.isdir(path):
-        return os.path.join(path, subfolder)
-    try:
-        from huggingface_hub import snapshot_download
-
-        return os.path.join(snapshot_download(path, allow_patterns=[f"{subfolder}/*"], local_files_only=True),
-                            subfolder)
-    except Exception:  # noqa: BLE001 - identity is best effort for remote models
-        return None
 
 
 def _sha256_files(folder: str | None) -> dict[str, str]:
@@ -56,7 +44,7 @@ def _config_dict(obj) -> dict:
 
 
 def encoder_identities(config: PrecomputeConfig, models: enc.Encoders) -> dict[str, fmt.EncoderIdentity]:
-    """Class, config and weight sha256 of every frozen component that was loaded."""
+    """Class, config, file sha256 and identity (precompute/identity.py) of every frozen component that was loaded."""
     sources = {
         "tokenizer": config.pretrained_prior_model_name_or_path,
         "text_encoder": config.pretrained_prior_model_name_or_path,
@@ -73,7 +61,8 @@ def encoder_identities(config: PrecomputeConfig, models: enc.Encoders) -> dict[s
         config_dict.pop("_name_or_path", None)
         identities[name] = fmt.EncoderIdentity(path, name, type(obj).__name__,
                                                json.loads(json.dumps(config_dict, default=str)),
-                                               _sha256_files(_folder(path, name)))
+                                               _sha256_files(component_folder(path, name)),
+                                               component_identity(path, name))
     return identities
 
 

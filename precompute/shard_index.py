@@ -133,15 +133,21 @@ def read_records(handle, index: ShardIndex, url: str, positions: Iterable[int] |
     URL and the sample key when a record's bytes differ from the index or are cut short.
     """
     for i in range(len(index)) if positions is None else positions:
-        key, offset, size = index.keys[i], index.offsets[i], index.sizes[i]
+        key, offset = index.keys[i], index.offsets[i]
         if handle.tell() != offset:
             handle.seek(offset)
-        blob = handle.read(size)
-        if len(blob) != size:
-            raise CorruptRecord(url, key, f"the shard ends after {offset + len(blob)} bytes, inside this record")
-        if sha256_hex(blob) != index.sha256[i]:
-            raise CorruptRecord(url, key, "sha256 of the record's bytes differs from the shard index")
+        blob = handle.read(index.sizes[i])
+        check_record(blob, index, i, url)
         yield i, key, parse_record(blob, key, url)
+
+
+def check_record(blob: bytes, index: ShardIndex, i: int, url: str) -> None:
+    """Raise CorruptRecord unless `blob`, read at record `i`'s offset, is exactly its bytes (size and sha256)."""
+    key, offset, size = index.keys[i], index.offsets[i], index.sizes[i]
+    if len(blob) != size:
+        raise CorruptRecord(url, key, f"the shard ends after {offset + len(blob)} bytes, inside this record")
+    if sha256_hex(blob) != index.sha256[i]:
+        raise CorruptRecord(url, key, "sha256 of the record's bytes differs from the shard index")
 
 
 def scan_tar(data: bytes, shard: str) -> ShardIndex:

@@ -11,7 +11,8 @@ Sections (all by default; `--sections` picks some), each timing its contenders i
   decoder     lean decoder step (cached latents + image_embeds) vs the reference step (MoVQ encode +
               CLIP vision every step, image preprocessing included).
   stream      each lean trainer streaming shards from disk vs the same step replaying the very same
-              batches from memory (does the data path hold the device back?).
+              batches from memory (does the data path hold the device back?), and the share of the
+              streaming step its readers spent verifying records (timed inside the readers).
   memory      peak memory of each lean trainer and reference step, one fresh process each, against
               the trainee-only footprint (params + grads + AdamW states + activations).
   update      (only when named in --sections) `precompute --update` after 1% new images on a cache of
@@ -222,15 +223,19 @@ class Bench:
         for command in ("prior", "decoder"):
             trainer = self.lean(command)
             recorded: deque = deque()
-            clock = {"data": 0.0, "total": 0.0}  # the data wait, measured directly inside the streaming steps
+            # the data wait, measured directly inside the streaming steps; the record verification (sha256,
+            # dtype/shape/finiteness checks), timed by the readers themselves (train/loader.py)
+            clock = {"data": 0.0, "total": 0.0, "verify": 0.0, "samples": 0}
 
             def shards(trainer=trainer, recorded=recorded, clock=clock) -> int:
-                start = time.perf_counter()
+                start, verified = time.perf_counter(), trainer.loader.verify_seconds
                 batch = trainer.next_batch()
                 clock["data"] += time.perf_counter() - start
+                clock["verify"] += trainer.loader.verify_seconds - verified
                 recorded.append(batch)
                 samples = trainer.step(batch)
                 clock["total"] += time.perf_counter() - start
+                clock["samples"] += samples
                 return samples
 
             def memory(trainer=trainer, recorded=recorded) -> int:
@@ -240,6 +245,8 @@ class Bench:
                                         Side("memory", memory, "same batches from memory")],
                                        [("shards", "memory")], count=False)
             out[command]["data_wait_fraction"] = clock["data"] / clock["total"]
+            out[command]["verify_fraction"] = clock["verify"] / clock["total"]
+            out[command]["verify_us_per_sample"] = 1e6 * clock["verify"] / clock["samples"]
             del trainer
             self.accelerator.free_memory()  # the next trainer need not share the device with this one
             gc.collect()

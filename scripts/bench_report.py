@@ -107,6 +107,12 @@ def speed_table(results: dict) -> list[str]:
     waits = [f"{k} {100 * v['data_wait_fraction']:.1f}%" for k, v in stream.items() if "data_wait_fraction" in v]
     if waits:
         lines.append(f"\nStreaming steps spent waiting for the next batch (timed inside the step): {', '.join(waits)}.")
+    verify = [f"{k} {100 * v['verify_fraction']:.2f}% ({v['verify_us_per_sample']:.0f} µs per record)"
+              for k, v in stream.items() if "verify_fraction" in v]
+    if verify:
+        lines.append(f"\nRecord verification (sha256 of each record and of the shard indexes, exact dtypes, shapes, "
+                     f"finite values; timed inside the readers) per streaming step: {', '.join(verify)} "
+                     "(target for the prior: <= 3%).")
     errors = {k: v["error"] for k, v in results["sections"].items() if isinstance(v, dict) and "error" in v}
     lines += [f"\nSection `{k}` failed: `{v.splitlines()[-1] if v else ''}`" for k, v in errors.items()]
     return lines

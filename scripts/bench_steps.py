@@ -3,7 +3,8 @@ optimiser settings) and the diffusers reference steps (scripts/diffusers_referen
 
 Lean: `train.<command>` objective + the loop's own loader (`train.loop.make_loader`: shards ->
 decoded, collated batch), then the loop's own step function `train.loop.train_step` (loss, backward,
-gradient clipping, AdamW, LR scheduler) and the loop's per-step loss read-back. Reference: `train_text_to_image_prior.py` /
+gradient clipping, AdamW, LR scheduler, the non-finite guard) and the loop's loss read-back every
+`--logging_steps` steps. Reference: `train_text_to_image_prior.py` /
 `train_text_to_image_decoder.py` of diffusers' examples/kandinsky2_2, step for step: the imagefolder
 loaded with `datasets`, `preprocess_train` (tokenizer, CLIPImageProcessor, the decoder's crop/resize)
 in a shuffled DataLoader with their `collate_fn`, the frozen encoders in `weight_dtype` every step.
@@ -50,6 +51,7 @@ class LeanTrainer:
         from train.source import resolve_source
         from diffusers.optimization import get_scheduler
 
+        from train.guard import StepGuard
         from train.loop import limit_cpu_heap_fragmentation, make_loader, make_optimizer
 
         objective_class = load_objective_class(command)
@@ -72,21 +74,25 @@ class LeanTrainer:
             limit_cpu_heap_fragmentation()  # as train --cpu_mmap_threshold_kb 128 does
         self.loader = make_loader(config, self.objective, source, rank=0, world=1)  # the loop's own call
         self.text_tokens: list[int] = []  # padded text length of each prior batch (77, or the longest caption)
+        self.guard, self.steps = StepGuard(accelerator, self.optimizer), 0  # the loop's device-side loss record
 
     def next_batch(self) -> dict[str, torch.Tensor]:
         return next(self.loader)
 
     def step(self, batch: dict[str, torch.Tensor]) -> int:
         """One optimisation step on a host batch, as train/loop.py runs it; returns the batch size."""
-        from train.loop import train_step
+        from train.loop import to_device, train_step
 
         accelerator = self.accelerator
-        batch = {k: v.to(accelerator.device, non_blocking=True) for k, v in batch.items()}
+        batch = to_device(batch, accelerator.device)
         if "text_mask" in batch:
             self.text_tokens.append(int(batch["text_mask"].shape[1]))
-        loss = train_step(accelerator, self.module, self.objective, batch, self.optimizer, self.lr_scheduler,
-                          self.config.max_grad_norm)
-        accelerator.gather(loss).mean().item()  # the loop logs the loss every step: a device sync, on both sides
+        train_step(accelerator, self.module, self.objective, batch, self.optimizer, self.lr_scheduler,
+                   self.config.max_grad_norm, self.guard)
+        self.steps += 1
+        self.guard.end_step(self.steps, self.lr_scheduler.get_last_lr()[0])
+        if self.steps % self.config.logging_steps == 0:
+            self.guard.read()  # the loop's read-back: one device sync every --logging_steps steps
         return next(iter(batch.values())).shape[0]
 
     def stream_step(self) -> int:

@@ -127,8 +127,38 @@ LEARNING_IMAGES = 256  # the default 64 sample images are too few for a tiny pri
 LEARNING_HOLDOUT = 32
 
 
+def reindex(cache: Path, names: list[str] | None = None) -> Path:
+    """Make a local cache whose shard bytes were rewritten consistent again: re-index the shards `names`
+    (default all) with `shard_index.scan_tar` and rewrite their manifest entries (count, bytes, sha256,
+    index) and the totals, as precompute would have written them for these bytes."""
+    import dataclasses
+    import json
+
+    from precompute import format as fmt
+    from precompute.shard_index import index_name, scan_tar, sha256_hex
+
+    manifest = fmt.Manifest.from_dict(json.loads((cache / fmt.MANIFEST_NAME).read_text()))
+    entries = []
+    for entry in manifest.shards:
+        if names is None or entry.name in names:
+            data = (cache / entry.name).read_bytes()
+            index = scan_tar(data, entry.name)
+            raw = index.to_json()
+            (cache / index_name(entry.name)).write_bytes(raw)
+            entry = dataclasses.replace(entry, count=len(index), bytes=len(data), sha256=sha256_hex(data),
+                                        index=fmt.IndexEntry(index_name(entry.name), len(raw), sha256_hex(raw)))
+        entries.append(entry)
+    manifest = dataclasses.replace(manifest, shards=tuple(entries),
+                                   totals=fmt.Totals.of(tuple(entries), manifest.totals.skipped))
+    (cache / fmt.MANIFEST_NAME).write_text(json.dumps(manifest.to_dict(), indent=1))
+    return cache
+
+
 def shuffle_captions(src: Path, dst: Path, seed: int = 0) -> Path:
-    """Copy a cache with the caption members of its training samples permuted across images (a control)."""
+    """Copy a cache with the caption members of its training samples permuted across images (a control).
+
+    The rewritten shards are re-indexed (`reindex`): the control is a valid cache of other records.
+    """
     import shutil
 
     import numpy as np
@@ -138,7 +168,7 @@ def shuffle_captions(src: Path, dst: Path, seed: int = 0) -> Path:
     from precompute import reader
 
     text = (fmt.CAPTIONS, fmt.TEXT_EMBEDS, fmt.TEXT_HIDDEN, fmt.TEXT_LENGTHS)
-    dst.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(src, dst)
     manifest = reader.read_manifest(str(src))
     samples = []
     for url in reader.shard_urls(manifest, str(src), fmt.TRAIN_SPLIT):
@@ -154,10 +184,7 @@ def shuffle_captions(src: Path, dst: Path, seed: int = 0) -> Path:
         writers[name].write(sample)
     for writer in writers.values():
         writer.close()
-    for url in reader.shard_urls(manifest, str(src), fmt.VALIDATION_SPLIT):
-        shutil.copy(url, dst)
-    shutil.copy(src / fmt.MANIFEST_NAME, dst)  # same names and counts; the checksums no longer match
-    return dst
+    return reindex(dst, sorted(writers))
 
 
 @pytest.fixture(scope="session")

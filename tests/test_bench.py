@@ -64,6 +64,7 @@ def test_every_section_reports_its_comparisons(tiny_results):
         stream = sections["stream"][kind]
         assert set(stream["sides"]) == {"shards", "memory"} and set(stream["ratios"]) == {"shards/memory"}
         check_series(stream["ratios"]["shards/memory"], 2)
+        assert 0 < stream["verify_fraction"] < stream["data_wait_fraction"] < 1  # verifying is part of the data wait
     for side in ("lean_trimmed", "lean_77", "reference"):
         assert sections["prior"]["sides"][side]["flops_per_sample"] > 0
     tokens = sections["prior"]["mean_text_tokens"]
@@ -94,7 +95,8 @@ def test_tables_and_docs_block(tiny_results):
     _, out = tiny_results
     table = (out / "results.md").read_text()
     for row in ("prior: lean (trimmed) vs reference", "decoder: lean vs reference", "stream (decoder)",
-                "precompute: end to end vs bare encoders", "**Memory**", "**Cache size**", "Captions (typical)"):
+                "precompute: end to end vs bare encoders", "**Memory**", "**Cache size**", "Captions (typical)",
+                "Record verification"):
         assert row in table
     doc = (out / "benchmarks.md").read_text()
     assert "prose that must survive" in doc and "<!-- bench:tiny:begin -->" in doc and table.strip() in doc

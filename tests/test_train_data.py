@@ -13,11 +13,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import webdataset as wds
+from conftest import reindex
 
 from precompute import format as fmt
 from precompute import reader
-from train import loader as loader_module
-from train.loader import ShardStream, build_loader
+from precompute.verify import RecordReader, RecordSpec
+from train.loader import KEYS, ShardStream, build_loader
 from train.order import buffer_order, epoch_shards
 from train.source import resolve_source
 from train.prior import TRAIN_MEMBERS, PriorCollate, PriorSampleTransform
@@ -34,7 +35,8 @@ def keys_collate(samples: list[dict]) -> dict:
 def stream(source, *, batch_size=4, shuffle_buffer=20, seed=0, rank=0, world_size=1, state=None,
            bucketing=None) -> ShardStream:
     return ShardStream(source.train, seed=seed, rank=rank, world_size=world_size, num_workers=0,
-                       batch_size=batch_size, shuffle_buffer=shuffle_buffer, members=(fmt.IMAGE_EMBEDS,),
+                       batch_size=batch_size, shuffle_buffer=shuffle_buffer,
+                       spec=RecordSpec.of(source.manifest, (fmt.IMAGE_EMBEDS,)),
                        transform=keys_transform, collate=keys_collate, state=state, bucketing=bucketing)
 
 
@@ -74,9 +76,15 @@ def test_resume_does_not_open_shards_already_consumed(tiny_cache, monkeypatch):
     source = resolve_source([str(tiny_cache)])
     reference = take(stream(source, shuffle_buffer=1), 13)  # no sample shuffle: shards are read in order
     opened = []
-    read_raw = loader_module._read_raw
-    monkeypatch.setattr(loader_module, "_read_raw",
-                        lambda shard, *a: (opened.append(shard.url), read_raw(shard, *a))[1])
+    read = RecordReader.read
+
+    def reading(self, url, entry, positions=None):
+        positions = list(positions)
+        if positions:
+            opened.append(url)
+        return read(self, url, entry, positions)
+
+    monkeypatch.setattr(RecordReader, "read", reading)
     take(stream(source, shuffle_buffer=1, state={"positions": {"0": reference[-1]["__position__"]}, "batches": 13}), 1)
     epoch_order = epoch_shards(source.train, 0, 0, 0, 1)
     assert opened[0] == epoch_order[-1].url  # 52 of 56 samples consumed: only the last shard is read
@@ -139,7 +147,7 @@ def test_shard_members_are_never_unpickled(tiny_cache, tmp_path, monkeypatch):
     cache.mkdir()
     manifest = json.loads((tiny_cache / fmt.MANIFEST_NAME).read_text())
     first = next(s for s in manifest["shards"] if s["split"] == fmt.TRAIN_SPLIT)
-    manifest["shards"] = [dict(first, count=first["count"])]
+    manifest["shards"] = [first]
     (cache / fmt.MANIFEST_NAME).write_text(json.dumps(manifest))
     with wds.TarWriter(str(cache / first["name"]), encoder=False, mtime=0) as writer:
         for raw in wds.WebDataset(str(tiny_cache / first["name"]), shardshuffle=False, nodesplitter=lambda u: u):
@@ -147,12 +155,13 @@ def test_shard_members_are_never_unpickled(tiny_cache, tmp_path, monkeypatch):
             pickle.Pickler(payload).dump({"evil": True})
             writer.write({"__key__": raw["__key__"], "evil.pyd": payload.getvalue(),
                           **{k: v for k, v in raw.items() if not k.startswith("__")}})
+    reindex(cache)  # a consistent cache whose records carry a pickle: only the decoding is under test
     source = resolve_source([str(cache)])
     loader = build_loader(source, seed=0, rank=0, world_size=1, num_workers=0, batch_size=4, shuffle_buffer=4,
                           members=TRAIN_MEMBERS, transform=PriorSampleTransform(),
                           collate=PriorCollate(manifest["shapes"]["max_length"]))
     batch = next(loader)
-    assert set(batch) == {"image_embeds", "text_embeds", "text_hidden", "text_mask"} and not calls
+    assert set(batch) == {"image_embeds", "text_embeds", "text_hidden", "text_mask", KEYS} and not calls
     assert "evil.pyd" not in reader.decode_sample({"evil.pyd": b"\x80\x04K\x01."})
 
 

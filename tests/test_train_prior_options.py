@@ -82,6 +82,12 @@ def test_epochs_from_the_manifest_scaled_lr_and_tf32(train_prior, tiny_cache, tm
     assert math.isclose(summary["learning_rate"], 1e-4 * 8 * 2)
 
 
+def test_an_epoch_is_a_pass_over_the_selected_shards(train_prior, tiny_cache, tmp_path):
+    shard = sorted(tiny_cache.glob("train-*.tar"))[0]  # 16 of the cache's 56 training samples
+    summary = train_prior(tmp_path, shard, "--num_train_epochs", "1")
+    assert summary["steps_per_epoch"] == 4 and summary["global_step"] == 4  # ceil(16 / 4), not ceil(56 / 4)
+
+
 def test_resume_from_checkpoint_names(tmp_path):
     from train.checkpoints import TRAIN_STATE, find_checkpoint
 

@@ -9,8 +9,12 @@ import sys
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # before transformers is imported
 
 from .config import parse_config  # noqa: E402
+from precompute.shard_index import CorruptRecord  # noqa: E402
+from precompute.verify import CorruptShard  # noqa: E402
+
 from .decoder import DecoderObjective  # noqa: E402
 from .hub import HubError, create_hub_repo, is_main_rank, push_output  # noqa: E402
+from .guard import Stopped  # noqa: E402
 from .loop import Refused, train  # noqa: E402
 from .prior import PriorObjective  # noqa: E402
 
@@ -38,8 +42,10 @@ def load_objective_class(command: str) -> type:
 def main(argv: list[str] | None = None) -> int:
     """Parse the command and its flags, train (and push to the hub), and return the exit code.
 
-    2 = refused before step 1 (bad flag or value, unfit cache or model, hub repository not creatable);
-    1 = trained and saved, but the upload to the hub failed.
+    2: refused before step 1 (bad flag or value, unfit cache or model, hub repository not creatable),
+    or stopped mid-run by a corrupt record or a non-finite step; 1: another process of the job
+    stopped, or the job trained and saved but the upload to the hub failed. The reason is one line
+    on stderr (`train prior: error: ...`), never a traceback.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in OBJECTIVES:
@@ -57,8 +63,15 @@ def main(argv: list[str] | None = None) -> int:
         config.hub_model_id = repo_id  # the full id (namespace/name): the model card's usage names it
     try:
         train(config, objective_class(config))
-    except Refused as exc:
+    except (Refused, Stopped, CorruptRecord, CorruptShard) as exc:  # before step 1, or bad data / a NaN mid-run
         return fail(command, exc, 2)
+    except RuntimeError as exc:
+        if not lost_a_peer(exc):
+            raise
+        rank = os.environ.get("RANK", "?")
+        print(f"train {command}: error: process {rank} stopped because another one did (its error says why): "
+              f"{str(exc).splitlines()[0][:200]}", file=sys.stderr)
+        return 1
     if repo_id is not None:
         try:
             push_output(config, repo_id)
@@ -66,6 +79,20 @@ def main(argv: list[str] | None = None) -> int:
             return fail(command, exc, 1)
         print(f"Uploaded {config.output_dir} to https://huggingface.co/{repo_id}")
     return 0
+
+
+# What the gloo and NCCL backends raise in a process whose peer has exited (the launcher then stops it).
+PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "NCCL communicator was aborted")
+
+
+def lost_a_peer(error: RuntimeError) -> bool:
+    """Whether `error` is a collective failing because another process of the job exited.
+
+    Under torchrun, a process that stops on a corrupt record exits with its one line; the others,
+    waiting in a collective, fail at once, before the launcher stops them: they say so in one line
+    too instead of a traceback. Any other RuntimeError is a bug and keeps its traceback.
+    """
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and any(sign in str(error) for sign in PEER_LOST)
 
 
 if __name__ == "__main__":

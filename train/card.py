@@ -22,6 +22,8 @@ from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from precompute import format as fmt
 
+from .frozen import card_line
+
 CARD_NAME = "README.md"
 TAGS = ["kandinsky", "text-to-image", "diffusers", "diffusers-training"]  # the diffusers scripts' tags
 HUB_CACHE_SNAPSHOT = re.compile(r"(?:^|/)models--([^/]+)--([^/]+)/snapshots/[^/]+(?:/|$)")
@@ -105,6 +107,7 @@ def card_body(config, data: ModelCardData, *, title: str, usage: str, summary: d
         f"| final training loss | {summary.get('final_loss')} |",
         *[f"| {name} | {value:.4f} |" for name, value in (summary.get("validation") or {}).items()],
         "",
+        card_line(summary.get("encoders")), "",
         "Every flag of the run is in `train_config.json`.", "",
     ]
     if os.path.exists(os.path.join(output_dir, "loss_curve.png")):

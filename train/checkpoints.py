@@ -54,14 +54,19 @@ def register_checkpoint_hooks(accelerator: Accelerator, objective, model, ema) -
     accelerator.register_load_state_pre_hook(load_hook)
 
 
-def save_checkpoint(accelerator: Accelerator, config: TrainConfig, global_step: int, loader) -> str:
-    """`output_dir/checkpoint-N`: accelerate state, each rank's data position, then the completion marker."""
+def save_checkpoint(accelerator: Accelerator, config: TrainConfig, global_step: int, loader,
+                    nonfinite_steps: list[int] = ()) -> str:
+    """`output_dir/checkpoint-N`: accelerate state, each rank's data position, then the completion marker.
+
+    The marker (`train_state.json`) holds the step and, when there were any, the non-finite steps
+    skipped. Invariant: a death at any moment leaves every complete checkpoint that existed before
+    the call, or the new one complete: a stale folder of the same name is removed before writing
+    (its old marker must not vouch for half-written files), and older checkpoints are rotated away
+    (`--checkpoints_total_limit`) only after the new marker is on disk.
+    """
     path = os.path.join(config.output_dir, f"checkpoint-{global_step}")
-    if accelerator.is_main_process and config.checkpoints_total_limit is not None:
-        old = list_checkpoints(config.output_dir, complete_only=False)
-        for name in old[: max(0, len(old) - config.checkpoints_total_limit + 1)]:
-            logger.info("removing old checkpoint %s", name)
-            shutil.rmtree(os.path.join(config.output_dir, name))
+    if accelerator.is_main_process and os.path.isdir(path):
+        shutil.rmtree(path)  # left by an abandoned run that went past this step
     accelerator.wait_for_everyone()
     accelerator.save_state(path)
     with open(os.path.join(path, f"data_state_{accelerator.process_index}.json"), "w") as handle:
@@ -70,9 +75,26 @@ def save_checkpoint(accelerator: Accelerator, config: TrainConfig, global_step: 
     if accelerator.is_main_process:
         config.save(path)
         with open(os.path.join(path, TRAIN_STATE), "w") as handle:
-            json.dump({"global_step": global_step}, handle)
+            json.dump({"global_step": global_step, **({"nonfinite_steps": list(nonfinite_steps)}
+                                                         if nonfinite_steps else {})}, handle)
         logger.info("saved state to %s", path)
+        if config.checkpoints_total_limit is not None:
+            rotate_checkpoints(config.output_dir, config.checkpoints_total_limit, os.path.basename(path))
     return path
+
+
+def rotate_checkpoints(output_dir: str, limit: int, newest: str) -> None:
+    """Keep `newest` (complete) and the `limit - 1` latest complete checkpoints before it; remove every other one.
+
+    Incomplete folders (a save that died) and folders past `newest` (an abandoned run) go too.
+    """
+    step = int(newest.split("-")[-1])
+    older = [name for name in list_checkpoints(output_dir) if int(name.split("-")[-1]) < step]
+    keep = {newest, *(older[len(older) - (limit - 1):] if limit > 1 else [])}
+    for name in list_checkpoints(output_dir, complete_only=False):
+        if name not in keep:
+            logger.info("removing old checkpoint %s", name)
+            shutil.rmtree(os.path.join(output_dir, name))
 
 
 def list_checkpoints(output_dir: str, complete_only: bool = True) -> list[str]:
@@ -86,14 +108,25 @@ def list_checkpoints(output_dir: str, complete_only: bool = True) -> list[str]:
 
 
 def find_checkpoint(config: TrainConfig) -> str | None:
-    """The directory `--resume_from_checkpoint` names; `latest` with none found starts a new run."""
+    """The directory `--resume_from_checkpoint` names; `latest` in a directory without checkpoints starts a new run.
+
+    Raises FileNotFoundError for a named checkpoint that is not complete, and for `latest` when
+    checkpoint folders exist but none is complete (every save was cut short: starting over would
+    silently throw the run away).
+    """
     wanted = config.resume_from_checkpoint
     if not wanted:
         return None
     if wanted == "latest":
         names = list_checkpoints(config.output_dir)
         if not names:
-            logger.warning("no complete checkpoint in %s: starting a new training run", config.output_dir)
+            partial = list_checkpoints(config.output_dir, complete_only=False)
+            if partial:
+                raise FileNotFoundError(
+                    f"--resume_from_checkpoint latest: {len(partial)} checkpoint folder(s) in {config.output_dir} "
+                    f"({', '.join(partial)}) but none is complete (no {TRAIN_STATE}: the save was cut short); "
+                    "remove them to start a new run")
+            logger.warning("no checkpoint in %s: starting a new training run", config.output_dir)
             return None
         return os.path.join(config.output_dir, names[-1])
     for path in (wanted, os.path.join(config.output_dir, wanted)):
@@ -117,11 +150,11 @@ def resolve_seed(config: TrainConfig, resume_dir: str | None) -> int:
     return seed[0]
 
 
-def load_train_state(accelerator: Accelerator, resume_dir: str) -> tuple[int, dict]:
-    """Restore accelerate's state; return (global_step, this rank's data position)."""
+def load_train_state(accelerator: Accelerator, resume_dir: str) -> tuple[int, dict, list[int]]:
+    """Restore accelerate's state; return (global_step, this rank's data state, the non-finite steps skipped)."""
     accelerator.load_state(resume_dir)
     with open(os.path.join(resume_dir, TRAIN_STATE)) as handle:
         saved = json.load(handle)
     with open(os.path.join(resume_dir, f"data_state_{accelerator.process_index}.json")) as handle:
         data_state = json.load(handle)
-    return saved["global_step"], data_state
+    return saved["global_step"], data_state, list(saved.get("nonfinite_steps", []))

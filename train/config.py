@@ -76,6 +76,12 @@ class TrainConfig:
                   "The weights follow the noise scheduler's prediction type."},
     )
     use_8bit_adam: bool = field(default=False, metadata={"help": "Use bitsandbytes' 8-bit AdamW (needs bitsandbytes)."})
+    adam_implementation: Literal["fused", "foreach", "single"] = field(
+        default="fused",
+        metadata={"help": "torch AdamW kernel: fused (default; one kernel for all parameters, and a non-finite step "
+                  "is skipped on the device), foreach or single (the per-parameter loop). Where torch has no fused "
+                  "kernel for the device or dtype, foreach is used with a warning. Ignored with --use_8bit_adam."},
+    )
     allow_tf32: bool = field(
         default=False, metadata={"help": "Allow TF32 matmuls on Ampere+ GPUs (faster, slightly less precise)."}
     )
@@ -102,6 +108,12 @@ class TrainConfig:
                   "installed is dropped with one warning; training goes on."},
     )
     logging_dir: str = field(default="logs", metadata={"help": "Tracker log directory, relative to --output_dir."})
+    logging_steps: int = field(
+        default=10,
+        metadata={"help": "Read the losses (and the non-finite flag) back from the device every N optimisation "
+                  "steps, and always before a checkpoint, a validation and the export; every step's loss is "
+                  "still logged (trackers, losses.jsonl). Larger N: fewer host-device syncs."},
+    )
     tracker_project_name: str = field(
         default="text2image-fine-tune", metadata={"help": "Project name given to Accelerator.init_trackers."}
     )
@@ -192,6 +204,25 @@ class TrainConfig:
                   "when it is a hub id or a folder inside the hub cache (models--org--name/snapshots/...), else "
                   "its local path."},
     )
+    on_corrupt: Literal["error", "skip"] = field(
+        default="error",
+        metadata={"help": "A record that fails verification (sha256 against its shard index; dtype, shape or a "
+                  "non-finite value against the manifest): error (default) stops the job naming the shard and "
+                  "the sample; skip leaves it out, counts it (trackers: skipped_records) and lists it at the end. "
+                  "A shard whose size differs from the manifest's is always refused before step 1."},
+    )
+    on_nonfinite: Literal["error", "skip"] = field(
+        default="error",
+        metadata={"help": "An optimisation step whose loss or gradient norm is NaN/Inf is never applied (its "
+                  "update is skipped). error (default) then stops the job at the next read-back (see "
+                  "--logging_steps) naming the steps and their samples; skip goes on and counts them."},
+    )
+    allow_encoder_mismatch: bool = field(
+        default=False,
+        metadata={"help": "Train even though the base model's frozen encoders (which the export bundles) are not "
+                  "the weights that encoded the cache (their identities in the manifest differ); the model card "
+                  "then says so. Default: refuse before step 1, naming the parts."},
+    )
     cpu_mmap_threshold_kb: Optional[int] = field(
         default=None,
         metadata={"help": "CPU training on Linux/glibc only: serve allocations above this many KiB with mmap "
@@ -205,7 +236,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if isinstance(self.shards, str):
             self.shards = [self.shards]
-        positive = ("train_batch_size", "gradient_accumulation_steps", "checkpointing_steps", "shuffle_buffer")
+        positive = ("train_batch_size", "gradient_accumulation_steps", "checkpointing_steps", "shuffle_buffer",
+                    "logging_steps")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"--{name} must be positive")

@@ -187,6 +187,12 @@ class DecoderObjective(ObjectiveBase):
         scale = movq_scale_factor(self.config.pretrained_decoder_model_name_or_path, self.config.cache_dir)
         check_manifest(manifest, model, self.config.resolution, scale)
 
+    def frozen_parts(self) -> dict[str, tuple[str, str]]:
+        """The MoVQ the export bundles, and the image encoder of the prior its card names (whose embeddings
+        condition the UNet): both must be the cache's encoders (train/frozen.py)."""
+        return {"movq": (self.config.pretrained_decoder_model_name_or_path, "movq"),
+                "image_encoder": (self.config.pretrained_prior_model_name_or_path, "image_encoder")}
+
     def setup(self, model: UNet2DConditionModel, source: CacheSource, device: torch.device) -> None:
         """Load the training scheduler; read the zero-image embedding (dropout, negative) and the held-out data."""
         self.noise_scheduler = make_noise_scheduler(self.config.pretrained_decoder_model_name_or_path,
@@ -195,7 +201,7 @@ class DecoderObjective(ObjectiveBase):
         self.zero_image_embeds = reader.zero_image_embeds(source.manifest)  # [E]
         limit = max(self.config.validation_samples, self.config.validation_images)
         if self.config.validates and limit:
-            held_out = load_validation(source, TRAIN_MEMBERS, limit)
+            held_out = load_validation(source, TRAIN_MEMBERS, limit, self.config.on_corrupt)
             self.validation = DecoderValidation(self.config, self.noise_scheduler, held_out, self.zero_image_embeds,
                                                 loss=training_loss, manifest=source.manifest, device=device)
 

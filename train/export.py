@@ -16,6 +16,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+
 logger = logging.getLogger(__name__)
 
 MODEL_INDEX = "model_index.json"

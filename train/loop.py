@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+from contextlib import closing
 from typing import Any
 
 import torch
@@ -20,16 +21,17 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
-from precompute import format as fmt
-
 from .checkpoints import find_checkpoint, load_train_state, register_checkpoint_hooks, resolve_seed, save_checkpoint
 from .config import TrainConfig
 from .cpu_heap import limit_cpu_heap_fragmentation
-from .loader import build_loader
+from .guard import StepGuard
+from .loader import KEYS, build_loader
 from .loss_log import LossLog, read_losses, run_dir
 from .export import draw_loss_curve
+from .frozen import check_frozen_parts
 from .objective import Objective
 from .precision import effective_mixed_precision
+from .readback import ReadBack
 from .source import CacheSource, resolve_source
 from .trackers import resolve_trackers, tracker_config
 
@@ -46,14 +48,20 @@ def make_loader(config: TrainConfig, objective: Objective, source: CacheSource, 
     return build_loader(source, seed=config.seed, rank=rank, world_size=world,
                         num_workers=config.dataloader_num_workers, batch_size=config.train_batch_size,
                         shuffle_buffer=config.shuffle_buffer, members=objective.members,
-                        transform=objective.sample_transform(), collate=objective.collate(), state=state,
+                        transform=objective.sample_transform(), collate=objective.collate(),
+                        on_corrupt=config.on_corrupt, state=state,
                         bucketing=objective.bucketing(), max_samples=config.max_train_samples)
 
 
+def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """The batch with its tensors on `device` (non-blocking); other fields (the sample keys) as they are."""
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
 def train_step(accelerator: Accelerator, module: torch.nn.Module, objective: Objective,
-               batch: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer, lr_scheduler: Any,
-               max_grad_norm: float) -> torch.Tensor:
-    """One micro-batch of training, exactly as `train` runs it; returns its loss, detached (a scalar).
+               batch: dict[str, Any], optimizer: torch.optim.Optimizer, lr_scheduler: Any,
+               max_grad_norm: float, guard: StepGuard | None = None) -> torch.Tensor:
+    """One micro-batch of training, exactly as `train` runs it; returns its loss averaged over processes.
 
     Under `accelerator.accumulate(module)`: the objective's loss on `batch` (a collated batch
     already on `accelerator.device`), backward, gradient clipping to `max_grad_norm` when the
@@ -61,19 +69,29 @@ def train_step(accelerator: Accelerator, module: torch.nn.Module, objective: Obj
     `optimizer.step()`, `lr_scheduler.step()` and `optimizer.zero_grad()`; accelerate's prepared
     optimizer and scheduler skip their step on the other micro-batches. `module`, `optimizer` and
     `lr_scheduler` are the ones `accelerator.prepare` returned. Whether this call completed an
-    optimisation step is `accelerator.sync_gradients` afterwards. The loss is not gathered over
-    processes nor moved to the host here: logging it (a device sync) is the caller's choice.
-    Raises whatever the objective's loss or the backward pass raises.
+    optimisation step is `accelerator.sync_gradients` afterwards. With a `guard` (train/guard.py)
+    the loss and the batch's sample keys are recorded and a non-finite step is never applied. The
+    returned loss (a detached scalar on the device) is gathered over processes but not moved to the
+    host: reading it (a device sync) is the caller's choice. Raises whatever the objective's loss or
+    the backward pass raises.
     """
     with accelerator.accumulate(module):
         loss = objective.loss(module, batch)  # scalar
         accelerator.backward(loss)
+        loss = accelerator.gather(loss.detach()).mean()  # scalar, the same on every process
+        grad_norm = None
         if accelerator.sync_gradients:
-            accelerator.clip_grad_norm_(module.parameters(), max_grad_norm)
-        optimizer.step()
+            grad_norm = accelerator.clip_grad_norm_(module.parameters(), max_grad_norm)
+        update = True
+        if guard is not None:
+            guard.micro_batch(loss, batch.get(KEYS))
+            if accelerator.sync_gradients:
+                update = guard.allow_update(optimizer, grad_norm)
+        if update:
+            optimizer.step()
         lr_scheduler.step()
         optimizer.zero_grad()
-    return loss.detach()
+    return loss
 
 
 def train(config: TrainConfig, objective: Objective) -> dict[str, Any]:
@@ -87,12 +105,12 @@ def train(config: TrainConfig, objective: Objective) -> dict[str, Any]:
         project_config=ProjectConfiguration(project_dir=config.output_dir,
                                             logging_dir=os.path.join(config.output_dir, config.logging_dir)),
     )
-    # The precision actually used, also when chosen by `accelerate launch` or its config file: what
-    # train_config.json and the model card record.
-    config.mixed_precision = accelerator.mixed_precision
     if accelerator.num_processes != launched:
         raise Refused(f"launched as {launched} processes but accelerate runs {accelerator.num_processes}: each would "
                       "train alone and overwrite the others' files")
+    # The precision actually used, also when chosen by `accelerate launch` or its config file: what
+    # train_config.json and the model card record.
+    config.mixed_precision = accelerator.mixed_precision
     mmap_threshold_kb = tune_cpu_heap(config, accelerator)
     try:  # everything that can refuse the job does so before step 1, with one message
         resume_dir = find_checkpoint(config)
@@ -105,6 +123,7 @@ def train(config: TrainConfig, objective: Objective) -> dict[str, Any]:
         validation_steps = config.resolve_validation_steps(steps_per_epoch)
         model = objective.load_model()
         objective.check_manifest(source.manifest, model)
+        encoders = check_frozen_parts(source.manifest, objective.frozen_parts(), config.allow_encoder_mismatch)
         objective.setup(model, source, accelerator.device)
     except (ValueError, OSError) as exc:
         raise Refused(str(exc)) from exc
@@ -123,7 +142,8 @@ def train(config: TrainConfig, objective: Objective) -> dict[str, Any]:
     if config.scale_lr:
         learning_rate *= config.gradient_accumulation_steps * config.train_batch_size * world
     try:
-        optimizer = make_optimizer(config, [p for p in model.parameters() if p.requires_grad], learning_rate)
+        optimizer = make_optimizer(config, [p for p in model.parameters() if p.requires_grad], learning_rate,
+                                   accelerator.device)
     except ImportError as exc:
         raise Refused(str(exc)) from exc
     max_steps = config.max_train_steps or config.num_train_epochs * steps_per_epoch
@@ -135,10 +155,10 @@ def train(config: TrainConfig, objective: Objective) -> dict[str, Any]:
     if ema is not None:
         ema.to(accelerator.device)
 
-    global_step, data_state, carried = 0, None, []
+    global_step, data_state, carried, nonfinite = 0, None, [], []
     if resume_dir is not None:
         accelerator.print(f"Resuming from {resume_dir}")
-        global_step, data_state = load_train_state(accelerator, resume_dir)
+        global_step, data_state, nonfinite = load_train_state(accelerator, resume_dir)
         carried = read_losses(run_dir(resume_dir), global_step)
     losses = [loss for _, loss in carried]
     loss_log = LossLog(config.output_dir, resume_dir, carried) if accelerator.is_main_process else None
@@ -152,33 +172,30 @@ def train(config: TrainConfig, objective: Objective) -> dict[str, Any]:
     )
 
     progress = tqdm(total=max_steps, initial=global_step, desc="steps", disable=not accelerator.is_local_main_process)
+    guard = StepGuard(accelerator, optimizer)  # losses and non-finite flags stay on the device until read back
+    read_back = ReadBack(accelerator, config, guard, loader, loss_log, progress, steps_per_epoch, losses, nonfinite)
     history: list[tuple[int, dict]] = []
-    step_loss = 0.0
-    while global_step < max_steps:
-        batch = {k: v.to(accelerator.device, non_blocking=True) for k, v in next(loader).items()}
-        loss = train_step(accelerator, module, objective, batch, optimizer, lr_scheduler, config.max_grad_norm)
-        step_loss += accelerator.gather(loss).mean().item() / config.gradient_accumulation_steps
-        if not accelerator.sync_gradients:
-            continue
+    with progress, closing(loader):  # closed also when the job stops: a clean last line, no stray workers
+        while global_step < max_steps:
+            batch = to_device(next(loader), accelerator.device)
+            train_step(accelerator, module, objective, batch, optimizer, lr_scheduler, config.max_grad_norm, guard)
+            if not accelerator.sync_gradients:
+                continue
 
-        if ema is not None:
-            ema.step(model.parameters())
-        global_step += 1
-        losses.append(step_loss)
-        if loss_log is not None:
-            loss_log.append(global_step, step_loss)
-        lr = lr_scheduler.get_last_lr()[0]
-        accelerator.log({"train_loss": step_loss, "lr": lr, "epoch": global_step / steps_per_epoch}, step=global_step)
-        progress.update(1)
-        progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}")
-        step_loss = 0.0
-
-        if global_step % config.checkpointing_steps == 0:
-            save_checkpoint(accelerator, config, global_step, loader)
-        if validation_steps and global_step % validation_steps == 0 and global_step < max_steps:
-            history.append((global_step, validate(accelerator, objective, model, ema, global_step)))
-    progress.close()
-    loader.close()
+            if ema is not None:
+                ema.step(model.parameters())
+            global_step += 1
+            guard.end_step(global_step, lr_scheduler.get_last_lr()[0])
+            progress.update(1)
+            checkpoint = global_step % config.checkpointing_steps == 0
+            validation = validation_steps and global_step % validation_steps == 0 and global_step < max_steps
+            if checkpoint or validation or global_step % config.logging_steps == 0:
+                read_back()  # every step's loss to the host, the trackers and the log; stops on a non-finite one
+            if checkpoint:
+                save_checkpoint(accelerator, config, global_step, loader, nonfinite)
+            if validation:
+                history.append((global_step, validate(accelerator, objective, model, ema, global_step)))
+        read_back()
 
     accelerator.wait_for_everyone()
     if ema is not None:
@@ -186,7 +203,8 @@ def train(config: TrainConfig, objective: Objective) -> dict[str, Any]:
     summary = {"global_step": global_step, "losses": losses, "final_loss": losses[-1] if losses else None,
                "num_processes": world, "steps_per_epoch": steps_per_epoch, "seed": config.seed,
                "learning_rate": learning_rate, "cpu_mmap_threshold_kb": mmap_threshold_kb,
-               "output_dir": config.output_dir, "history": history, "validation": {}}
+               "output_dir": config.output_dir, "history": history, "validation": {}, "encoders": encoders,
+               **read_back.finish()}
     if validation_steps:
         summary["validation"] = validate(accelerator, objective, model, None, global_step)
         history.append((global_step, summary["validation"]))
@@ -202,16 +220,16 @@ def train(config: TrainConfig, objective: Objective) -> dict[str, Any]:
 
 
 def training_samples(config: TrainConfig, source: CacheSource) -> int:
-    """Samples in one epoch: the manifest's training samples, or --max_train_samples of the shards trained on.
+    """Samples in one epoch: those of the selected training shards, or --max_train_samples of them.
 
     Raises ValueError when --max_train_samples exceeds the samples of the training shards.
     """
+    available = source.num_samples  # of the shards --shards selects: an epoch is one pass over them
     if config.max_train_samples is None:
-        return source.manifest.count(fmt.TRAIN_SPLIT)
-    available = sum(shard.count for shard in source.train)
+        return available
     if config.max_train_samples > available:
-        raise ValueError(f"--max_train_samples {config.max_train_samples} exceeds the {available} training samples "
-                         "of the cache")
+        raise ValueError(f"--max_train_samples {config.max_train_samples} exceeds the {available} samples of the "
+                         "training shards")
     return config.max_train_samples
 
 
@@ -249,18 +267,36 @@ def validate(accelerator: Accelerator, objective: Objective, model, ema, step: i
     return metrics
 
 
-def make_optimizer(config: TrainConfig, params: list, learning_rate: float) -> torch.optim.Optimizer:
-    """AdamW (bitsandbytes' 8-bit one with --use_8bit_adam) with the config's betas, decay and epsilon.
+def make_optimizer(config: TrainConfig, params: list, learning_rate: float,
+                   device: torch.device | None = None) -> torch.optim.Optimizer:
+    """AdamW with the config's betas, decay and epsilon: torch's, with `--adam_implementation`'s kernel,
+    or bitsandbytes' 8-bit one with --use_8bit_adam.
 
-    Raises ImportError with the install command when --use_8bit_adam is asked without bitsandbytes.
+    Fused (the default) falls back to foreach with a warning where torch has no fused kernel for
+    the parameters' dtype on `device` (default: where the parameters are now). Raises ImportError
+    with the install command when --use_8bit_adam is asked without bitsandbytes.
     """
+    kwargs = dict(lr=learning_rate, betas=(config.adam_beta1, config.adam_beta2),
+                  weight_decay=config.adam_weight_decay, eps=config.adam_epsilon)
     if config.use_8bit_adam:
         try:
             import bitsandbytes as bnb
         except ImportError:
             raise ImportError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes") from None
-        optimizer_class = bnb.optim.AdamW8bit
-    else:
-        optimizer_class = torch.optim.AdamW
-    return optimizer_class(params, lr=learning_rate, betas=(config.adam_beta1, config.adam_beta2),
-                           weight_decay=config.adam_weight_decay, eps=config.adam_epsilon)
+        return bnb.optim.AdamW8bit(params, **kwargs)
+    kind = config.adam_implementation
+    if kind == "fused" and not fused_supported(params, device):
+        logger.warning("--adam_implementation fused: torch has no fused AdamW for these parameters' device or "
+                       "dtype; using foreach (non-finite steps are then checked on the host, one sync per step)")
+        kind = "foreach"
+    return torch.optim.AdamW(params, fused=kind == "fused", foreach=kind == "foreach", **kwargs)
+
+
+def fused_supported(params: list[torch.Tensor], device: torch.device | None = None) -> bool:
+    """Whether torch's fused AdamW kernel takes these parameters (floating point) on `device` (default: theirs)."""
+    try:
+        from torch.optim.optimizer import _get_fused_kernels_supported_devices
+    except ImportError:  # a torch without the helper: use the default kernels
+        return False
+    devices = _get_fused_kernels_supported_devices()
+    return all(p.is_floating_point() and (device or p.device).type in devices for p in params)

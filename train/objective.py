@@ -38,6 +38,8 @@ class Objective(Protocol):
 
     def check_manifest(self, manifest: fmt.Manifest, model: torch.nn.Module) -> None: ...  # raise ValueError on mismatch
 
+    def frozen_parts(self) -> dict[str, tuple[str, str]]: ...  # encoder name -> (path, subfolder): train/frozen.py
+
     def setup(self, model: torch.nn.Module, source: CacheSource, device: torch.device) -> None: ...
 
     def train_module(self, model: torch.nn.Module) -> torch.nn.Module: ...  # what accelerate prepares

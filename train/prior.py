@@ -194,6 +194,11 @@ class PriorObjective(ObjectiveBase):
     def check_manifest(self, manifest: fmt.Manifest, model: PriorTransformer) -> None:
         check_manifest(manifest, model)
 
+    def frozen_parts(self) -> dict[str, tuple[str, str]]:
+        """The encoders the exported pipeline bundles, as they must match the cache's (train/frozen.py)."""
+        path = self.config.pretrained_prior_model_name_or_path
+        return {name: (path, name) for name in FROZEN_COMPONENTS if name != "scheduler"}
+
     def setup(self, model: PriorTransformer, source: CacheSource, device: torch.device) -> None:
         """Clone clip_mean/clip_std before training (as the reference) and read the held-out data."""
         self.source = source  # the model card records the cache
@@ -202,7 +207,8 @@ class PriorObjective(ObjectiveBase):
         self.max_length = model.config.num_embeddings
         self.empty_text = reader.unconditional_text(source.manifest)
         if self.config.validates:
-            held_out = load_validation(source, TRAIN_MEMBERS + (fmt.CAPTIONS,), self.config.validation_samples)
+            held_out = load_validation(source, TRAIN_MEMBERS + (fmt.CAPTIONS,), self.config.validation_samples,
+                                       self.config.on_corrupt)
             self.validation = PriorValidation(self.config, source.manifest, held_out, self.empty_text,
                                               max_length=self.max_length)
 
