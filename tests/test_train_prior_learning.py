@@ -25,7 +25,7 @@ MARGIN = 0.05  # cosine points; measured gaps (seeds 0-2): learned vs control 0.
 
 @pytest.mark.slow
 def test_held_out_embeddings_follow_the_captions_and_a_shuffled_control_does_not(train_prior, learning_caches,
-                                                                              tmp_path):
+                                                                                 tmp_path):
     cache, control = learning_caches
     learned = train_prior(tmp_path / "learned", cache, *FLAGS)["validation"]
     shuffled = train_prior(tmp_path / "control", control, *FLAGS)["validation"]
