@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import os
 import random
 from pathlib import Path
 
@@ -95,6 +96,12 @@ def _remove_stale(directory: Path, pattern: str) -> None:
         path.unlink()
 
 
+# Precompute's unit ids hash each input's size and modification time (its staleness check), so files
+# written now would give other unit ids, shard names and shard order on every run: a fixed time makes
+# the caches built from the sample data identical from run to run, as their bytes are.
+FIXED_MTIME = 1_700_000_000  # 2023-11-14, seconds since the epoch
+
+
 def make_sample_data(
     out: str | Path, num_images: int = 64, image_size: int = 96, samples_per_tar: int = 16, seed: int = 0
 ) -> dict:
@@ -135,6 +142,8 @@ def make_sample_data(
         all_captions[key] = captions
     writer.close()
     (folder / METADATA_NAME).write_text("\n".join(rows) + "\n")
+    for path in [*(folder / f"{key}.jpg" for key in keys), folder / METADATA_NAME, *shards]:
+        os.utime(path, (FIXED_MTIME, FIXED_MTIME))
 
     return {
         "root": root,

@@ -31,9 +31,13 @@ def copy_cache(cache: Path, out: Path) -> Path:
 
 
 def first_train_shard(cache: Path) -> str:
-    """The file name of the manifest's first training shard."""
+    """The file name of the training shard the damage helpers edit: the one holding the most records
+    (the first by name among equals). Not simply the first by name: shard names hold unit ids, which hash
+    the inputs' modification times, and the sample data is written anew each test session, so the
+    name order changes between sessions while the unit sizes do not."""
     manifest = json.loads((cache / fmt.MANIFEST_NAME).read_text())
-    return next(s["name"] for s in manifest["shards"] if s["split"] == fmt.TRAIN_SPLIT)
+    train = [s for s in manifest["shards"] if s["split"] == fmt.TRAIN_SPLIT]
+    return min(train, key=lambda s: (-s["count"], s["name"]))["name"]
 
 
 def records(path: Path) -> list[tuple[str, Members]]:

@@ -83,9 +83,15 @@ def test_epochs_from_the_manifest_scaled_lr_and_tf32(train_prior, tiny_cache, tm
 
 
 def test_an_epoch_is_a_pass_over_the_selected_shards(train_prior, tiny_cache, tmp_path):
-    shard = sorted(tiny_cache.glob("train-*.tar"))[0]  # 16 of the cache's 56 training samples
+    from damage import first_train_shard
+    from precompute.reader import read_manifest
+
+    shard = tiny_cache / first_train_shard(tiny_cache)  # one unit's shard: 16 of the cache's 56 samples
+    count = next(e.count for e in read_manifest(str(tiny_cache)).shards if e.name == shard.name)
+    assert 4 < count < 56 - 4  # its own step count differs from the whole cache's
     summary = train_prior(tmp_path, shard, "--num_train_epochs", "1")
-    assert summary["steps_per_epoch"] == 4 and summary["global_step"] == 4  # ceil(16 / 4), not ceil(56 / 4)
+    steps = math.ceil(count / 4)  # not ceil(56 / 4)
+    assert summary["steps_per_epoch"] == steps and summary["global_step"] == steps
 
 
 def test_resume_from_checkpoint_names(tmp_path):

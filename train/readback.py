@@ -79,7 +79,8 @@ class ReadBack:
             self.accelerator.log(counts, step=last.step)
 
     def skipped_records(self) -> int:
-        """Records skipped as corrupt so far, over every process (a collective: every rank calls it)."""
+        """Record reads skipped as corrupt so far (a record met in two passes counts twice), over every
+        process (a collective: every rank calls it)."""
         count = torch.tensor(self.loader.state["skipped_records"], device=self.accelerator.device)
         return int(self.accelerator.reduce(count, "sum").item())
 
@@ -89,10 +90,12 @@ class ReadBack:
         report = {"skipped_records": self.skipped_records(), "skipped": listed,
                   "nonfinite_steps": list(self.nonfinite)}
         if report["skipped_records"]:
-            lines = [f"  {url}" + (f" ({n} records: the whole shard)" if key is None else f" sample {key}")
-                     + f": {reason}" for (url, key, reason), n in Counter(listed).items()]
-            self.accelerator.print(f"{report['skipped_records']} corrupt record(s) skipped (--on_corrupt skip), "
-                                   "listed by shard and sample:\n" + "\n".join(lines))
+            # A record is read once per pass: one corrupt record met in two epochs is two skipped reads.
+            lines = [f"  {url}" + (f" ({n} record reads: the whole shard)" if key is None else f" sample {key}"
+                                   + (f" (read {n} times)" if n > 1 else "")) + f": {reason}"
+                     for (url, key, reason), n in Counter(listed).items()]
+            self.accelerator.print(f"{report['skipped_records']} read(s) of corrupt records skipped (--on_corrupt "
+                                   "skip), listed by shard and sample:\n" + "\n".join(lines))
         if self.nonfinite:
             self.accelerator.print(f"{len(self.nonfinite)} non-finite step(s) skipped (--on_nonfinite skip): "
                                    + ", ".join(map(str, self.nonfinite)))
