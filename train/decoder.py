@@ -25,6 +25,7 @@ from .decoder_config import DecoderTrainConfig
 from .decoder_validation import DecoderValidation
 from .diffusion import diffusion_mse, draw_noise_and_timesteps, prediction_target
 from .export import export_pipeline
+from .lora import ADDED_KV_TARGETS, ATTENTION_TARGETS, add_lora
 from .loader import load_validation
 from .objective import ObjectiveBase, refuse_unfit_cache
 from .paths import check_pipeline
@@ -181,7 +182,7 @@ class DecoderObjective(ObjectiveBase):
             enable_xformers(unet)
         if self.config.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
-        return unet.train()
+        return add_lora(unet.train(), self.config, ATTENTION_TARGETS + ADDED_KV_TARGETS)  # under --rank
 
     def check_manifest(self, manifest: fmt.Manifest, model: UNet2DConditionModel) -> None:
         scale = movq_scale_factor(self.config.pretrained_decoder_model_name_or_path, self.config.cache_dir)

@@ -20,6 +20,7 @@ from precompute import reader
 from .card import hub_id, write_model_card
 from .diffusion import diffusion_mse, draw_noise_and_timesteps, prediction_target
 from .export import export_pipeline
+from .lora import ATTENTION_TARGETS, add_lora
 from .loader import load_validation
 from .objective import Bucketing, ObjectiveBase, refuse_unfit_cache
 from .paths import check_pipeline
@@ -189,7 +190,7 @@ class PriorObjective(ObjectiveBase):
         # Used only to (de)normalise, never in forward: trainable they would stall DDP's gradient reduction.
         prior.clip_mean.requires_grad_(False)
         prior.clip_std.requires_grad_(False)
-        return prior.train()
+        return add_lora(prior.train(), self.config, ATTENTION_TARGETS)  # frozen, with an adapter, under --rank
 
     def check_manifest(self, manifest: fmt.Manifest, model: PriorTransformer) -> None:
         check_manifest(manifest, model)
