@@ -25,7 +25,7 @@ from .decoder_config import DecoderTrainConfig
 from .decoder_validation import DecoderValidation
 from .diffusion import diffusion_mse, draw_noise_and_timesteps, prediction_target
 from .export import export_pipeline
-from .lora import ADDED_KV_TARGETS, ATTENTION_TARGETS, add_lora
+from .lora import ADDED_KV_TARGETS, ATTENTION_TARGETS, add_lora, export_trainee
 from .loader import load_validation
 from .objective import ObjectiveBase, refuse_unfit_cache
 from .paths import check_pipeline
@@ -230,17 +230,19 @@ class DecoderObjective(ObjectiveBase):
         """A complete KandinskyV22Pipeline folder: trained unet + the base's movq and scheduler files.
 
         The model card's `prior:` entry names the prior, which is how AutoPipelineForText2Image
-        (KandinskyV22CombinedPipeline) finds it, as on the hub.
+        (KandinskyV22CombinedPipeline) finds it, as on the hub. Under --rank: the base unet plus the
+        adapter file (or the merged unet), see train/lora.py.
         """
         config = self.config
-        export_pipeline(config.pretrained_decoder_model_name_or_path, output_dir, {UNET_SUBFOLDER: model},
-                        FROZEN_COMPONENTS, cache_dir=config.cache_dir)
         where = config.hub_model_id if config.push_to_hub else os.path.abspath(output_dir)
+        parts = export_trainee(model, output_dir, UNET_SUBFOLDER, FROZEN_COMPONENTS, config, "pipe.unet", where)
+        export_pipeline(config.pretrained_decoder_model_name_or_path, output_dir, parts.trained, parts.frozen,
+                        cache_dir=config.cache_dir)
         write_model_card(
             output_dir,
             base_model=config.pretrained_decoder_model_name_or_path,
             title="Kandinsky 2.2 decoder fine-tuned from an embedding cache",
-            usage=_USAGE.format(path=where),
+            usage=parts.note + _USAGE.format(path=where, load=parts.load),
             config=config,
             summary=summary,
             manifest=self.source.manifest,
@@ -253,7 +255,7 @@ _USAGE = """```python
 from diffusers import AutoPipelineForText2Image
 
 pipe = AutoPipelineForText2Image.from_pretrained("{path}")  # the prior comes from this card's `prior:` entry
-image = pipe("a red circle on a blue background").images[0]
+{load}image = pipe("a red circle on a blue background").images[0]
 ```
 
 `KandinskyV22Pipeline.from_pretrained("{path}")` is the decoder alone (`image_embeds`, `negative_image_embeds`)."""

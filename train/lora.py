@@ -22,7 +22,7 @@ import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 import torch
 
@@ -195,3 +195,49 @@ def load_checkpoint(model: torch.nn.Module, ema, input_dir: str, subfolder: str)
         ema.load_state_dict({**counters, "shadow_params": [p.detach().clone() for p in ema_parameters(model)]})
     load_adapter(model, os.path.join(input_dir, f"{subfolder}_lora"))
 
+
+class TraineeExport(NamedTuple):
+    """How an objective exports its trainee (see `export_trainee`)."""
+
+    trained: dict[str, torch.nn.Module]  # models for `export.export_pipeline` to save
+    frozen: tuple[str, ...]  # base folders for it to copy as files
+    note: str  # the model card's paragraph on the adapter, with its blank line ("" without an adapter)
+    load: str  # the usage's line loading the adapter, with its newline ("" when there is none to load)
+
+
+def export_trainee(model: torch.nn.Module, output_dir: str, subfolder: str, frozen: Sequence[str], config: Any,
+                   component: str, where: str) -> TraineeExport:
+    """Write the adapter (if any) and say what else `export.export_pipeline` writes for the trainee.
+
+    Without an adapter the trainee is saved, as always. With one, the adapter goes to
+    `output_dir/pytorch_lora_weights.safetensors` and the trainee's folder is copied from the base
+    like the frozen parts (the base weights, untouched, so every documented load of the folder still
+    works); the card's usage loads the adapter from `where` into `component` (e.g. "pipe.unet").
+    With --merge_lora the adapter is merged into the weights instead (diffusers' `fuse_lora` then
+    `unload_lora`, which changes `model` in place) and the merged trainee is saved.
+    """
+    if not has_adapter(model):
+        return TraineeExport({subfolder: model}, tuple(frozen), "", "")
+    note = card_note(model, config, subfolder) + "\n\n"
+    if config.merge_lora:
+        model.fuse_lora(adapter_names=[ADAPTER_NAME])
+        model.unload_lora()
+        return TraineeExport({subfolder: model}, tuple(frozen), note, "")
+    save_adapter(model, output_dir)
+    load = f'{component}.load_lora_adapter("{where}", weight_name="{LORA_WEIGHT_NAME}", prefix=None)\n'
+    return TraineeExport({}, (*frozen, subfolder), note, load)
+
+
+def card_note(model: torch.nn.Module, config: Any, subfolder: str) -> str:
+    """The model card's paragraph on `model`'s adapter (before any merge)."""
+    peft_config = model.peft_config[ADAPTER_NAME]
+    what = (f"a rank-{peft_config.r} LoRA adapter (alpha {peft_config.lora_alpha:g}, dropout "
+            f"{peft_config.lora_dropout:g}, on `{','.join(sorted(peft_config.target_modules))}`; "
+            f"{trainable_parameters(model):,} trained parameters, the base frozen)")
+    if config.merge_lora:
+        return (f"**LoRA, merged.** Trained as {what}, exported merged into the full weights of `{subfolder}/` "
+                "(`--merge_lora`): a plain pipeline folder, with no adapter file to load.")
+    return (f"**LoRA adapter.** `{LORA_WEIGHT_NAME}` is {what}, in diffusers' LoRA format. `{subfolder}/` holds the "
+            "unchanged base weights, so this folder loads as the base pipeline; the usage below adds the adapter with "
+            "`load_lora_adapter` (`prefix=None`: the file's keys carry no prefix, and the default prefix "
+            "`transformer` would load nothing). The same call loads it onto the base model from the hub.")

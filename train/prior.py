@@ -20,7 +20,7 @@ from precompute import reader
 from .card import hub_id, write_model_card
 from .diffusion import diffusion_mse, draw_noise_and_timesteps, prediction_target
 from .export import export_pipeline
-from .lora import ATTENTION_TARGETS, add_lora
+from .lora import ATTENTION_TARGETS, add_lora, export_trainee
 from .loader import load_validation
 from .objective import Bucketing, ObjectiveBase, refuse_unfit_cache
 from .paths import check_pipeline
@@ -242,17 +242,21 @@ class PriorObjective(ObjectiveBase):
                              snr_gamma=self.config.snr_gamma, clip_mean=self.clip_mean, clip_std=self.clip_std)
 
     def export(self, model: PriorTransformer, output_dir: str, summary: dict) -> None:
-        """A complete KandinskyV22PriorPipeline folder: trained prior + the base's frozen files."""
-        export_pipeline(self.config.pretrained_prior_model_name_or_path, output_dir, {PRIOR_SUBFOLDER: model},
-                        FROZEN_COMPONENTS, cache_dir=self.config.cache_dir)
+        """A complete KandinskyV22PriorPipeline folder: trained prior + the base's frozen files.
+
+        Under --rank: the base prior plus the adapter file (or the merged prior), see train/lora.py.
+        """
         config = self.config
-        decoder = hub_id(config.pretrained_decoder_model_name_or_path or DEFAULT_DECODER)
         where = config.hub_model_id if config.push_to_hub else os.path.abspath(output_dir)
+        parts = export_trainee(model, output_dir, PRIOR_SUBFOLDER, FROZEN_COMPONENTS, config, "prior.prior", where)
+        export_pipeline(config.pretrained_prior_model_name_or_path, output_dir, parts.trained, parts.frozen,
+                        cache_dir=config.cache_dir)
+        decoder = hub_id(config.pretrained_decoder_model_name_or_path or DEFAULT_DECODER)
         write_model_card(
             output_dir,
             base_model=config.pretrained_prior_model_name_or_path,
             title="Kandinsky 2.2 prior fine-tuned from an embedding cache",
-            usage=_USAGE.format(path=where, decoder=decoder),
+            usage=parts.note + _USAGE.format(path=where, decoder=decoder, load=parts.load),
             config=config,
             summary=summary,
             manifest=self.source.manifest,
@@ -264,7 +268,7 @@ _USAGE = """```python
 from diffusers import AutoPipelineForText2Image, KandinskyV22PriorPipeline
 
 prior = KandinskyV22PriorPipeline.from_pretrained("{path}")
-pipe = AutoPipelineForText2Image.from_pretrained(
+{load}pipe = AutoPipelineForText2Image.from_pretrained(
     "{decoder}", prior_prior=prior.prior,
     prior_text_encoder=prior.text_encoder, prior_tokenizer=prior.tokenizer,
     prior_image_encoder=prior.image_encoder, prior_image_processor=prior.image_processor,
