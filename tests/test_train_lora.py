@@ -158,6 +158,34 @@ def test_prior_export_is_the_base_pipeline_plus_an_adapter_that_loads_and_change
 
 
 @pytest.mark.slow
+def test_a_lora_prior_export_validates_decoders_with_its_adapter_and_is_no_trainee(prior_runs, train_prior,
+                                                                                    tiny_models, tiny_cache, tmp_path):
+    """A decoder's validation samples its prompts with the LoRA prior's adapter loaded (not the bare base);
+    training the prior on from the export, whose prior/ is the base, is refused in one line."""
+    from diffusers import KandinskyV22PriorPipeline
+
+    from precompute import reader
+    from train.decoder_validation import prompt_image_embeds
+    from train.loop import Refused
+
+    root, _, _ = prior_runs
+    manifest = reader.read_manifest(str(tiny_cache))
+    prompts = reader.validation_prompts(manifest)[:1]
+    ours, base = (prompt_image_embeds(str(path), manifest, prompts, torch.device("cpu"), seed=0)
+                  for path in (root / "lora", tiny_models[0]))
+    pipe = KandinskyV22PriorPipeline.from_pretrained(str(root / "lora"))
+    pipe.prior.load_lora_adapter(str(root / "lora"), weight_name=LORA_WEIGHT_NAME, prefix=None)  # the card's call
+    pipe.set_progress_bar_config(disable=True)
+    theirs = pipe(prompts[0]["prompt"], num_inference_steps=25, guidance_scale=4.0,
+                  generator=torch.Generator().manual_seed(0)).image_embeds  # [1, E]
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(ours, base, atol=1e-4)
+    with pytest.raises(Refused, match="is a LoRA run's export: its prior/ holds the base weights"):
+        train_prior(tmp_path / "again", tiny_cache, "--pretrained_prior_model_name_or_path", str(root / "lora"),
+                    "--max_train_steps", "1")
+
+
+@pytest.mark.slow
 def test_prior_merge_lora_exports_base_plus_adapter_merged(prior_runs, train_prior, tiny_cache, tmp_path):
     from diffusers import PriorTransformer
 
@@ -200,28 +228,50 @@ def test_prior_lora_ema_resume_is_exact_and_exports_the_ema_adapter(prior_runs, 
 
 # --- decoder ------------------------------------------------------------------------------------------
 
+def card_loads(card: str) -> str:
+    """The model card's usage code up to the generation line: the pipeline and adapter loads, to run as written."""
+    usage = card.split("```python\n", 1)[1].split("```", 1)[0]
+    return usage.split("image = pipe(", 1)[0]
+
+
 @pytest.mark.slow
-def test_decoder_lora_first_loss_export_and_documented_load(tiny_models, tiny_cache, tmp_path, one_thread):
+def test_decoder_lora_first_loss_export_and_documented_load(prior_runs, tiny_models, tiny_cache, tmp_path, one_thread):
+    """A LoRA decoder trained beside the LoRA prior: the card's own lines load both adapters, and it generates."""
     from diffusers import AutoPipelineForText2Image
 
+    from train.render import DecoderParts
+
+    prior_out = prior_runs[0] / "lora"
     common = ("--train_batch_size", "4", "--learning_rate", "1e-2", "--validation_images", "0")
     full, _ = run_decoder(decoder_flags(tiny_models, tiny_cache, tmp_path / "full", *common, "--max_train_steps", "1"))
+    assert "load_lora_adapter" not in (tmp_path / "full" / "README.md").read_text()  # nothing to load
     out = tmp_path / "lora"
-    lora, _ = run_decoder(decoder_flags(tiny_models, tiny_cache, out, *common, *LORA, "--max_train_steps", "3"))
+    lora, _ = run_decoder(decoder_flags((prior_out, tiny_models[1]), tiny_cache, out, *common, *LORA,
+                                        "--max_train_steps", "3"))
     assert lora["losses"][0] == full["losses"][0]  # zero-initialised B: exactly the base's forward, same draws
-    card = (out / "README.md").read_text()
-    assert f'pipe.unet.load_lora_adapter("{out}", weight_name="{LORA_WEIGHT_NAME}", prefix=None)' in card
+    loads = card_loads((out / "README.md").read_text())
+    assert f'pipe.unet.load_lora_adapter("{out}", weight_name="{LORA_WEIGHT_NAME}", prefix=None)' in loads
+    assert f'pipe.prior_prior.load_lora_adapter("{prior_out}", weight_name="{LORA_WEIGHT_NAME}", prefix=None)' in loads
     weights = load_file(str(out / LORA_WEIGHT_NAME))
     assert any(".add_k_proj.lora_B." in k for k in weights)  # the image embedding's path is adapted by default
     assert all(v.abs().sum() > 0 for k, v in weights.items() if "lora_B" in k)  # training moved every B
 
-    pipe = AutoPipelineForText2Image.from_pretrained(str(out))  # the card's prior: entry names the base prior
-
-    def image():
+    def image(pipe):
         return pipe(PROMPT, num_inference_steps=2, prior_num_inference_steps=2, height=64, width=64, output_type="np",
                     generator=torch.Generator().manual_seed(0)).images
 
-    base = image()
-    pipe.unet.load_lora_adapter(str(out), weight_name=LORA_WEIGHT_NAME, prefix=None)  # the card's call
-    adapted = image()
+    base = image(AutoPipelineForText2Image.from_pretrained(str(out)))  # the card's prior: entry, both bases
+    namespace: dict = {}
+    exec(loads, namespace)  # the card's usage as written: the pipeline, then both adapters
+    pipe = namespace["pipe"]
+    assert pipe.prior_prior.peft_config and pipe.unet.peft_config
+    adapted = image(pipe)
     assert adapted.shape == (1, 64, 64, 3) and abs(adapted - base).max() > 1e-3
+
+    parts = DecoderParts.load(str(out), torch.device("cpu"), with_unet=True)  # what a prior's validation renders with
+    args = unet_inputs(parts.unet)
+    with torch.no_grad():
+        ours = parts.unet(*args[:3], added_cond_kwargs=args[3]).sample
+        theirs = pipe.unet(*args[:3], added_cond_kwargs=args[3]).sample
+    torch.testing.assert_close(ours, theirs)
+    assert not parts.unet.training

@@ -23,7 +23,7 @@ from huggingface_hub.utils import HFValidationError, validate_repo_id
 from precompute import format as fmt
 
 from .frozen import card_line
-from .lora import LORA_FLAGS
+from .lora import CARD_FLAGS
 
 CARD_NAME = "README.md"
 TAGS = ["kandinsky", "text-to-image", "diffusers", "diffusers-training"]  # the diffusers scripts' tags
@@ -87,8 +87,8 @@ def card_data(config, *, base_model: str, manifest: fmt.Manifest, cache_location
 
 
 def main_flags(config) -> tuple[str, ...]:
-    """The flags the card's table lists: `MAIN_FLAGS`, and the LoRA flags when a LoRA adapter was trained."""
-    return MAIN_FLAGS + (LORA_FLAGS if getattr(config, "rank", None) else ())
+    """The flags the card's table lists: `MAIN_FLAGS`, and --rank and --merge_lora when a LoRA adapter was trained."""
+    return MAIN_FLAGS + (CARD_FLAGS if getattr(config, "rank", None) else ())
 
 
 def card_body(config, data: ModelCardData, *, title: str, usage: str, summary: dict, output_dir: str) -> str:

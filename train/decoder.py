@@ -25,7 +25,8 @@ from .decoder_config import DecoderTrainConfig
 from .decoder_validation import DecoderValidation
 from .diffusion import diffusion_mse, draw_noise_and_timesteps, prediction_target
 from .export import export_pipeline
-from .lora import ADDED_KV_TARGETS, ATTENTION_TARGETS, add_lora, export_trainee
+from .lora import (ADDED_KV_TARGETS, ATTENTION_TARGETS, add_lora, export_trainee, folder_load_line,
+                   refuse_adapter_folder)
 from .loader import load_validation
 from .objective import ObjectiveBase, refuse_unfit_cache
 from .paths import check_pipeline
@@ -176,6 +177,8 @@ class DecoderObjective(ObjectiveBase):
                        (UNET_SUBFOLDER, "scheduler", "movq"), "decoder")
         check_pipeline("pretrained_prior_model_name_or_path", self.config.pretrained_prior_model_name_or_path,
                        ("prior", "scheduler"), "prior")
+        refuse_adapter_folder("pretrained_decoder_model_name_or_path", self.config.pretrained_decoder_model_name_or_path,
+                              UNET_SUBFOLDER)
         unet = UNet2DConditionModel.from_pretrained(self.config.pretrained_decoder_model_name_or_path,
                                                     subfolder=UNET_SUBFOLDER, cache_dir=self.config.cache_dir)
         if self.config.enable_xformers_memory_efficient_attention:
@@ -236,18 +239,20 @@ class DecoderObjective(ObjectiveBase):
         config = self.config
         where = config.hub_model_id if config.push_to_hub else os.path.abspath(output_dir)
         parts = export_trainee(model, output_dir, UNET_SUBFOLDER, FROZEN_COMPONENTS, config, "pipe.unet", where)
+        prior = hub_id(config.pretrained_prior_model_name_or_path)  # a LoRA prior's adapter is loaded by hand too
+        load = parts.load + folder_load_line("pipe.prior_prior", config.pretrained_prior_model_name_or_path, prior)
         export_pipeline(config.pretrained_decoder_model_name_or_path, output_dir, parts.trained, parts.frozen,
                         cache_dir=config.cache_dir)
         write_model_card(
             output_dir,
             base_model=config.pretrained_decoder_model_name_or_path,
             title="Kandinsky 2.2 decoder fine-tuned from an embedding cache",
-            usage=parts.note + _USAGE.format(path=where, load=parts.load),
+            usage=parts.note + _USAGE.format(path=where, load=load),
             config=config,
             summary=summary,
             manifest=self.source.manifest,
             cache_location=self.source.location,
-            prior=hub_id(config.pretrained_prior_model_name_or_path),
+            prior=prior,
         )
 
 

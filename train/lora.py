@@ -34,7 +34,8 @@ LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # diffusers' LORA_WEIGHT_
 ATTENTION_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 ADDED_KV_TARGETS = ("add_k_proj", "add_v_proj")
 EMA_STATE = "ema_state.json"  # beside the EMA adapter in a checkpoint: EMAModel's counters (no tensors)
-LORA_FLAGS = ("rank", "lora_alpha", "lora_dropout", "lora_layers", "merge_lora")  # the model card's rows
+LORA_FLAGS = ("rank", "lora_alpha", "lora_dropout", "lora_layers", "merge_lora")
+CARD_FLAGS = ("rank", "merge_lora")  # the model card's rows (its LoRA paragraph gives the effective alpha, targets...)
 
 
 @dataclass
@@ -224,8 +225,47 @@ def export_trainee(model: torch.nn.Module, output_dir: str, subfolder: str, froz
         model.unload_lora()
         return TraineeExport({subfolder: model}, tuple(frozen), note, "")
     save_adapter(model, output_dir)
-    load = f'{component}.load_lora_adapter("{where}", weight_name="{LORA_WEIGHT_NAME}", prefix=None)\n'
-    return TraineeExport({}, (*frozen, subfolder), note, load)
+    return TraineeExport({}, (*frozen, subfolder), note, load_line(component, where))
+
+
+def load_line(component: str, where: str) -> str:
+    """The usage line that loads the adapter of the folder or hub repo `where` into `component`, with its newline."""
+    return f'{component}.load_lora_adapter("{where}", weight_name="{LORA_WEIGHT_NAME}", prefix=None)\n'
+
+
+def folder_has_adapter(folder: str) -> bool:
+    """Whether the local pipeline folder `folder` is a LoRA run's export (base weights + the adapter file).
+
+    A hub id is not looked up (nothing is downloaded for this): it counts as a plain pipeline.
+    """
+    return os.path.isfile(os.path.join(folder, LORA_WEIGHT_NAME))
+
+
+def folder_load_line(component: str, folder: str, name: str) -> str:
+    """`load_line` for a pipeline another card names (`name`, e.g. the decoder's prior) when its local `folder`
+    holds an adapter (a LoRA run's export, whose base weights alone would drop the adapter); else ""."""
+    return load_line(component, name) if folder_has_adapter(folder) else ""
+
+
+def load_folder_adapter(model: torch.nn.Module, folder: str) -> bool:
+    """Load the adapter of the LoRA export `folder` into `model` (its base part) with the documented call.
+
+    Used where a part that is not trained is read from a pipeline folder (the other part's validation),
+    so that a LoRA export counts as what it was trained to be, not as its base. Returns whether there
+    was an adapter. Call before `eval()`: the loaded adapter's modules start in training mode.
+    """
+    if not folder_has_adapter(folder):
+        return False
+    model.load_lora_adapter(folder, weight_name=LORA_WEIGHT_NAME, prefix=None)
+    return True
+
+
+def refuse_adapter_folder(flag: str, folder: str, subfolder: str) -> None:
+    """ValueError when the trainee would be read from a LoRA export, whose `subfolder/` is only the base model."""
+    if folder_has_adapter(folder):
+        raise ValueError(f"--{flag} {folder} is a LoRA run's export: its {subfolder}/ holds the base weights, not the "
+                         f"trained adapter ({LORA_WEIGHT_NAME}); to train on from it, export that run with "
+                         "--merge_lora, or name the base model to start again")
 
 
 def card_note(model: torch.nn.Module, config: Any, subfolder: str) -> str:

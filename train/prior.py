@@ -20,7 +20,7 @@ from precompute import reader
 from .card import hub_id, write_model_card
 from .diffusion import diffusion_mse, draw_noise_and_timesteps, prediction_target
 from .export import export_pipeline
-from .lora import ATTENTION_TARGETS, add_lora, export_trainee
+from .lora import ATTENTION_TARGETS, add_lora, export_trainee, refuse_adapter_folder
 from .loader import load_validation
 from .objective import Bucketing, ObjectiveBase, refuse_unfit_cache
 from .paths import check_pipeline
@@ -185,6 +185,8 @@ class PriorObjective(ObjectiveBase):
         if self.config.pretrained_decoder_model_name_or_path is not None:
             check_pipeline("pretrained_decoder_model_name_or_path", self.config.pretrained_decoder_model_name_or_path,
                            ("unet", "movq", "scheduler"), "decoder")
+        refuse_adapter_folder("pretrained_prior_model_name_or_path", self.config.pretrained_prior_model_name_or_path,
+                              PRIOR_SUBFOLDER)
         prior = PriorTransformer.from_pretrained(self.config.pretrained_prior_model_name_or_path,
                                                  subfolder=PRIOR_SUBFOLDER, cache_dir=self.config.cache_dir)
         # Used only to (de)normalise, never in forward: trainable they would stall DDP's gradient reduction.
