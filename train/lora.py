@@ -45,8 +45,12 @@ class LoraFlags:
     rank: Optional[int] = field(
         default=None,
         metadata={"help": "Train a LoRA adapter of this rank (diffusers' LoRA scripts' --rank) on the frozen trainee "
-                  "instead of all its weights: only the adapter is trained, checkpointed and exported (as "
-                  f"{LORA_WEIGHT_NAME} beside the base pipeline). 0 or unset: full fine-tune."},
+                  "instead of all its weights: only the adapter is trained, checkpointed and exported, as "
+                  f"{LORA_WEIGHT_NAME} in diffusers' LoRA format beside the base pipeline; load it with "
+                  f"pipe.prior.load_lora_adapter(OUTPUT_DIR, weight_name=\"{LORA_WEIGHT_NAME}\", prefix=None) "
+                  "(the decoder: pipe.unet.load_lora_adapter(...), same arguments; the model card shows the line). "
+                  "A decoder trained with such a prior folder loads its adapter for validation and in its card. "
+                  "0 or unset: full fine-tune."},
     )
     lora_alpha: Optional[float] = field(
         default=None,
