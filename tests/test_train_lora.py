@@ -134,7 +134,8 @@ def test_prior_first_loss_is_the_full_models(prior_runs):
 
 
 @pytest.mark.slow
-def test_prior_export_is_the_base_pipeline_plus_an_adapter_that_loads_and_changes_it(prior_runs, tiny_models):
+def test_prior_export_is_the_base_pipeline_plus_an_adapter_that_loads_and_changes_it(prior_runs, tiny_models,
+                                                                                      one_thread):
     from diffusers import KandinskyV22PriorPipeline
 
     root, _, _ = prior_runs
@@ -159,7 +160,8 @@ def test_prior_export_is_the_base_pipeline_plus_an_adapter_that_loads_and_change
 
 @pytest.mark.slow
 def test_a_lora_prior_export_validates_decoders_with_its_adapter_and_is_no_trainee(prior_runs, train_prior,
-                                                                                    tiny_models, tiny_cache, tmp_path):
+                                                                                    tiny_models, tiny_cache, tmp_path,
+                                                                                    one_thread):
     """A decoder's validation samples its prompts with the LoRA prior's adapter loaded (not the bare base);
     training the prior on from the export, whose prior/ is the base, is refused in one line."""
     from diffusers import KandinskyV22PriorPipeline
