@@ -237,8 +237,10 @@ def card_loads(card: str) -> str:
 
 
 @pytest.mark.slow
-def test_decoder_lora_first_loss_export_and_documented_load(prior_runs, tiny_models, tiny_cache, tmp_path, one_thread):
-    """A LoRA decoder trained beside the LoRA prior: the card's own lines load both adapters, and it generates."""
+def test_decoder_lora_first_loss_export_and_documented_load(prior_runs, train_prior, tiny_models, tiny_cache, tmp_path,
+                                                            one_thread):
+    """A LoRA decoder trained beside the LoRA prior: the card's own lines load both adapters, and it generates;
+    a prior's card naming the LoRA decoder loads its adapter too, and its validation renders with it."""
     from diffusers import AutoPipelineForText2Image
 
     from train.render import DecoderParts
@@ -277,3 +279,7 @@ def test_decoder_lora_first_loss_export_and_documented_load(prior_runs, tiny_mod
         theirs = pipe.unet(*args[:3], added_cond_kwargs=args[3]).sample
     torch.testing.assert_close(ours, theirs)
     assert not parts.unet.training
+    train_prior(tmp_path / "prior", tiny_cache, "--pretrained_decoder_model_name_or_path", str(out),
+                "--max_train_steps", "1")
+    prior_loads = card_loads((tmp_path / "prior" / "README.md").read_text())
+    assert prior_loads.endswith(f'pipe.unet.load_lora_adapter("{out}", weight_name="{LORA_WEIGHT_NAME}", prefix=None)\n')

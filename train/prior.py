@@ -20,7 +20,7 @@ from precompute import reader
 from .card import hub_id, write_model_card
 from .diffusion import diffusion_mse, draw_noise_and_timesteps, prediction_target
 from .export import export_pipeline
-from .lora import ATTENTION_TARGETS, add_lora, export_trainee, refuse_adapter_folder
+from .lora import ATTENTION_TARGETS, add_lora, export_trainee, folder_load_line, refuse_adapter_folder
 from .loader import load_validation
 from .objective import Bucketing, ObjectiveBase, refuse_unfit_cache
 from .paths import check_pipeline
@@ -253,12 +253,14 @@ class PriorObjective(ObjectiveBase):
         parts = export_trainee(model, output_dir, PRIOR_SUBFOLDER, FROZEN_COMPONENTS, config, "prior.prior", where)
         export_pipeline(config.pretrained_prior_model_name_or_path, output_dir, parts.trained, parts.frozen,
                         cache_dir=config.cache_dir)
-        decoder = hub_id(config.pretrained_decoder_model_name_or_path or DEFAULT_DECODER)
+        decoder_path = config.pretrained_decoder_model_name_or_path or DEFAULT_DECODER
+        decoder = hub_id(decoder_path)
+        decoder_load = folder_load_line("pipe.unet", decoder_path, decoder)  # a LoRA decoder's adapter, by hand
         write_model_card(
             output_dir,
             base_model=config.pretrained_prior_model_name_or_path,
             title="Kandinsky 2.2 prior fine-tuned from an embedding cache",
-            usage=parts.note + _USAGE.format(path=where, decoder=decoder, load=parts.load),
+            usage=parts.note + _USAGE.format(path=where, decoder=decoder, load=parts.load, decoder_load=decoder_load),
             config=config,
             summary=summary,
             manifest=self.source.manifest,
@@ -276,5 +278,5 @@ prior = KandinskyV22PriorPipeline.from_pretrained("{path}")
     prior_image_encoder=prior.image_encoder, prior_image_processor=prior.image_processor,
     prior_scheduler=prior.scheduler,
 )
-image = pipe("a red circle on a blue background").images[0]
+{decoder_load}image = pipe("a red circle on a blue background").images[0]
 ```"""
