@@ -40,7 +40,8 @@ if [ "${DEMO_LORA:-1}" != 0 ]; then
   LORA_FLAGS=(--rank 4 --learning_rate 1e-3 --lr_warmup_steps 0 --validation_steps 0 --checkpointing_steps 1000
               --seed 0 --report_to none)
   "$PY" -m train prior --shards "$OUT/cache" --output_dir "$OUT/prior-lora" \
-    --pretrained_prior_model_name_or_path "$OUT/models/prior" --train_batch_size 32 --max_train_steps 40 "${LORA_FLAGS[@]}"
+    --pretrained_prior_model_name_or_path "$OUT/models/prior" --pretrained_decoder_model_name_or_path "$OUT/models/decoder" \
+    --train_batch_size 32 --max_train_steps 40 "${LORA_FLAGS[@]}"
   "$PY" -m train decoder --shards "$OUT/cache" --output_dir "$OUT/decoder-lora" \
     --pretrained_decoder_model_name_or_path "$OUT/models/decoder" \
     --pretrained_prior_model_name_or_path "$(cd "$OUT" && pwd)/prior-lora" --resolution 64 \
