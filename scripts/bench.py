@@ -15,6 +15,8 @@ Sections (all by default; `--sections` picks some), each timing its contenders i
               streaming step its readers spent verifying records (timed inside the readers).
   memory      peak memory of each lean trainer and reference step, one fresh process each, against
               the trainee-only footprint (params + grads + AdamW states + activations).
+  lora        each lean trainer with a LoRA adapter (`--rank 4`) vs the full fine-tune: trainable
+              parameters, speed and peak memory (scripts/bench_lora.py).
   update      (only when named in --sections) `precompute --update` after 1% new images on a cache of
               2,000 tiny-model images vs the fresh run (scripts/bench_update.py, which also runs alone).
 
@@ -52,7 +54,7 @@ import bench_setup as setup  # noqa: E402
 import torch  # noqa: E402
 from bench_timing import Side, alternate, peak_flops  # noqa: E402
 
-SECTIONS = ("precompute", "cache", "prior", "decoder", "stream", "memory")
+SECTIONS = ("precompute", "cache", "prior", "decoder", "stream", "memory", "lora")
 OPTIONAL_SECTIONS = ("update",)  # run only when --sections names them
 PRIOR_MEMBERS = ("captions.json", "text_embeds.npy", "text_hidden.npy", "text_lengths.npy", "image_embeds.npy")
 DECODER_MEMBERS = ("image_embeds.npy", "latents.npy")
@@ -146,13 +148,18 @@ class Bench:
             setup.run_precompute(self.precompute_argv(self.cache, None), self.work / "cache.log")
         return self.cache
 
-    def lean(self, command: str, trim_padding: bool = True, share=None):
-        from bench_steps import LeanTrainer, lean_argv
+    def lean_argv(self, command: str, trim_padding: bool = True, extra: tuple[str, ...] = ()) -> list[str]:
+        """`python -m train <command>` flags of a lean side on the benchmark cache, plus `extra` flags."""
+        from bench_steps import lean_argv
 
         batch = self.p.prior_batch_size if command == "prior" else self.p.decoder_batch_size
-        argv = lean_argv(command, self.ensure_cache(), self.prior_dir, self.decoder_dir, batch, self.p.num_workers,
-                         self.work / "train_out", self.p.resolution, trim_padding)
-        return LeanTrainer(command, argv, self.accelerator, share)
+        return [*lean_argv(command, self.ensure_cache(), self.prior_dir, self.decoder_dir, batch, self.p.num_workers,
+                           self.work / "train_out", self.p.resolution, trim_padding), *extra]
+
+    def lean(self, command: str, trim_padding: bool = True, share=None, extra: tuple[str, ...] = ()):
+        from bench_steps import LeanTrainer
+
+        return LeanTrainer(command, self.lean_argv(command, trim_padding, extra), self.accelerator, share)
 
     def timing(self, sides: list[Side], ratios: list[tuple[str, str]], count: bool = True) -> dict:
         return alternate(sides, repeats=self.p.repeats, steps=self.p.steps, warmup=self.p.warmup, device=self.device,
@@ -253,23 +260,20 @@ class Bench:
         return out
 
     def section_memory(self) -> dict:
-        from bench_memory import run_child
-        from bench_steps import lean_argv
+        from bench_memory import child_spec, run_child
 
         out = {}
         for kind in ("prior", "decoder"):
-            batch = self.p.prior_batch_size if kind == "prior" else self.p.decoder_batch_size
-            spec = {"kind": kind, "device": self.device.type, "mixed_precision": self.args.mixed_precision,
-                    "threads": self.args.threads, "steps": self.p.memory_steps, "num_workers": self.p.num_workers,
-                    "resolution": self.p.resolution, "batch_size": batch,
-                    "paths": {"prior": str(self.prior_dir), "decoder": str(self.decoder_dir), "data": str(self.data),
-                              "hf_cache": str(self.hf_cache)}}
             for side in ("lean", "reference"):
-                argv = lean_argv(kind, self.ensure_cache(), self.prior_dir, self.decoder_dir, batch, self.p.num_workers,
-                                 self.work / "train_out", self.p.resolution) if side == "lean" else None
                 self.log(f"memory: {kind} {side} in a child process")
-                out[f"{kind}_{side}"] = run_child({**spec, "side": side, "argv": argv}, Path(__file__))
+                argv = self.lean_argv(kind) if side == "lean" else None
+                out[f"{kind}_{side}"] = run_child(child_spec(self, kind, side, argv), Path(__file__))
         return out
+
+    def section_lora(self) -> dict:
+        from bench_lora import bench_lora
+
+        return bench_lora(self, Path(__file__))
 
     def section_update(self) -> dict:
         from bench_update import bench_update

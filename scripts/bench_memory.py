@@ -150,6 +150,17 @@ def child_main(spec: dict) -> dict:
     return result
 
 
+def child_spec(bench, kind: str, side: str, argv: list[str] | None) -> dict:
+    """What `child_main` measures: `kind`'s `side` ("lean" with its trainer flags `argv`, or "reference") with the
+    preset, device and paths of `bench` (a scripts/bench.py `Bench`)."""
+    return {"kind": kind, "side": side, "argv": argv, "device": bench.device.type,
+            "mixed_precision": bench.args.mixed_precision, "threads": bench.args.threads,
+            "steps": bench.p.memory_steps, "num_workers": bench.p.num_workers, "resolution": bench.p.resolution,
+            "batch_size": bench.p.prior_batch_size if kind == "prior" else bench.p.decoder_batch_size,
+            "paths": {"prior": str(bench.prior_dir), "decoder": str(bench.decoder_dir), "data": str(bench.data),
+                      "hf_cache": str(bench.hf_cache)}}
+
+
 def run_child(spec: dict, bench_script: Path, timeout: float = 900) -> dict:
     """Run `bench.py _memory SPEC` in a new process; returns its measurement dict."""
     proc = subprocess.run([sys.executable, str(bench_script), "_memory", json.dumps(spec)], capture_output=True,

@@ -210,8 +210,10 @@ def render(results: dict) -> str:
     if results.get("parameters"):
         out.append("Parameters: " + ", ".join(f"{k} {v / 1e6:.2f} M" for k, v in results["parameters"].items()))
     out += ["", *speed_table(results), ""]
+    from bench_lora import lora_table  # here: bench_lora imports this module's helpers
+
     for title, table in (("FLOPs", flops_table(results)), ("Memory", memory_table(results)),
-                         ("Cache size", cache_table(results))):
+                         ("Cache size", cache_table(results)), ("LoRA vs full fine-tune", lora_table(results))):
         if table:
             out += [f"**{title}**", "", *table, ""]
     return "\n".join(out).rstrip() + "\n"

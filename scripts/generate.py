@@ -3,19 +3,43 @@
 
 The decoder folder's model card names the prior (`prior:`), so the trained prior and the trained
 decoder are combined by diffusers itself, exactly as a user of the Hub folders would load them.
+`--prior` takes another prior pipeline folder instead. A folder exported by a LoRA run (`--rank`)
+holds the base model plus `pytorch_lora_weights.safetensors`: its adapter is then loaded with the
+call the model card documents (`load_lora_adapter(folder, weight_name=..., prefix=None)`), into
+`pipe.unet` for the decoder folder and into the prior for the prior folder (the card's or --prior).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 
 import torch
+
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # train/lora.py (kept import-free: a user's script)
+
+
+def load_adapter(model, folder: str) -> bool:
+    """Load `folder`'s LoRA adapter into `model` with the documented call; whether there was one."""
+    if not os.path.exists(os.path.join(folder, LORA_WEIGHT_NAME)):
+        return False
+    model.load_lora_adapter(folder, weight_name=LORA_WEIGHT_NAME, prefix=None)
+    return True
+
+
+def card_prior(model_card, decoder: str) -> str | None:
+    """The prior the decoder folder's model card names (its `prior:` entry), as the combined pipeline loads it."""
+    card = os.path.join(decoder, "README.md")
+    if not os.path.exists(card):
+        return None
+    return (model_card.load(card).data.to_dict().get("prior") or [None])[0]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("decoder", help="decoder pipeline folder (e.g. the output_dir of `python -m train decoder`)")
     parser.add_argument("prompt", help="text prompt")
+    parser.add_argument("--prior", help="prior pipeline folder to use instead of the one the decoder's card names")
     parser.add_argument("--out", default="generated.png", help="PNG file to write")
     parser.add_argument("--size", type=int, default=64, help="height and width in pixels (multiple of 64)")
     parser.add_argument("--steps", type=int, default=25, help="decoder inference steps")
@@ -23,15 +47,26 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="generator seed")
     args = parser.parse_args()
 
-    from diffusers import AutoPipelineForText2Image
+    from diffusers import AutoPipelineForText2Image, KandinskyV22PriorPipeline
+    from huggingface_hub import ModelCard
 
-    pipe = AutoPipelineForText2Image.from_pretrained(args.decoder)
+    components, adapters = {}, []
+    prior_folder = args.prior or card_prior(ModelCard, args.decoder)
+    if args.prior:
+        prior = KandinskyV22PriorPipeline.from_pretrained(args.prior)
+        components = {f"prior_{name}": module for name, module in prior.components.items()}
+    pipe = AutoPipelineForText2Image.from_pretrained(args.decoder, **components)
+    if prior_folder and load_adapter(pipe.prior_prior, prior_folder):
+        adapters.append(f"prior LoRA from {prior_folder}")
+    if load_adapter(pipe.unet, args.decoder):
+        adapters.append(f"decoder LoRA from {args.decoder}")
     pipe.set_progress_bar_config(disable=True)
     image = pipe(args.prompt, height=args.size, width=args.size, num_inference_steps=args.steps,
                  prior_num_inference_steps=args.prior_steps,
                  generator=torch.Generator().manual_seed(args.seed)).images[0]
     image.save(args.out)
-    print(f"{type(pipe).__name__}: '{args.prompt}' -> {args.out} ({image.size[0]}x{image.size[1]})")
+    print(f"{type(pipe).__name__}{' + ' + ', '.join(adapters) if adapters else ''}: '{args.prompt}' -> {args.out} "
+          f"({image.size[0]}x{image.size[1]})")
 
 
 if __name__ == "__main__":

@@ -48,7 +48,7 @@ def tiny_results(tmp_path_factory) -> tuple[dict, Path]:
 def test_every_section_reports_its_comparisons(tiny_results):
     results, _ = tiny_results
     sections = results["sections"]
-    assert set(sections) == {"precompute", "cache", "prior", "decoder", "stream", "memory"}
+    assert set(sections) == {"precompute", "cache", "prior", "decoder", "stream", "memory", "lora"}
     expected = {
         "precompute": (("end_to_end", "bare", "loop"), ("end_to_end/bare", "loop/bare")),
         "prior": (("lean_trimmed", "lean_77", "reference"),
@@ -91,12 +91,28 @@ def test_memory_and_cache_figures(tiny_results):
 
 
 @pytest.mark.slow
+def test_lora_section_compares_the_adapter_with_the_full_fine_tune(tiny_results):
+    results, _ = tiny_results
+    lora, memory = results["sections"]["lora"], results["sections"]["memory"]
+    assert lora["rank"] == 4
+    for kind in ("prior", "decoder"):
+        m = lora[kind]
+        assert set(m["sides"]) == {"full", "lora"} and set(m["ratios"]) == {"lora/full"}
+        check_series(m["ratios"]["lora/full"], 2)
+        params = m["trainable_parameters"]
+        assert params["full"] == memory[f"{kind}_lean"]["trainee_parameters"]  # the same trainee, all of it
+        assert 0 < params["lora"] < 0.2 * params["full"]  # the adapter only
+        assert m["peak_bytes"]["full"] == memory[f"{kind}_lean"]["peak_bytes"]  # reused from the memory section
+        assert m["peak_bytes"]["lora"] > 0
+
+
+@pytest.mark.slow
 def test_tables_and_docs_block(tiny_results):
     _, out = tiny_results
     table = (out / "results.md").read_text()
     for row in ("prior: lean (trimmed) vs reference", "decoder: lean vs reference", "stream (decoder)",
                 "precompute: end to end vs bare encoders", "**Memory**", "**Cache size**", "Captions (typical)",
-                "Record verification"):
+                "Record verification", "**LoRA vs full fine-tune**"):
         assert row in table
     doc = (out / "benchmarks.md").read_text()
     assert "prose that must survive" in doc and "<!-- bench:tiny:begin -->" in doc and table.strip() in doc

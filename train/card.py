@@ -23,6 +23,7 @@ from huggingface_hub.utils import HFValidationError, validate_repo_id
 from precompute import format as fmt
 
 from .frozen import card_line
+from .lora import CARD_FLAGS
 
 CARD_NAME = "README.md"
 TAGS = ["kandinsky", "text-to-image", "diffusers", "diffusers-training"]  # the diffusers scripts' tags
@@ -76,13 +77,18 @@ def card_data(config, *, base_model: str, manifest: fmt.Manifest, cache_location
         library_name="diffusers",
         base_model=config.base_model_id or hub_id(base_model),
         datasets=[dataset] if dataset else None,
-        tags=TAGS,
+        tags=TAGS + (["lora"] if getattr(config, "rank", None) else []),  # as diffusers' LoRA scripts' cards
         pipeline_tag="text-to-image",
         inference=True,
         training={"cache": cache_location, "cache_fingerprint": cache_fingerprint(manifest),
                   "mixed_precision": config.mixed_precision or "no"},
         **extra,
     )
+
+
+def main_flags(config) -> tuple[str, ...]:
+    """The flags the card's table lists: `MAIN_FLAGS`, and --rank and --merge_lora when a LoRA adapter was trained."""
+    return MAIN_FLAGS + (CARD_FLAGS if getattr(config, "rank", None) else ())
 
 
 def card_body(config, data: ModelCardData, *, title: str, usage: str, summary: dict, output_dir: str) -> str:
@@ -103,7 +109,7 @@ def card_body(config, data: ModelCardData, *, title: str, usage: str, summary: d
         "| setting | value |", "|---|---|",
         f"| optimisation steps | {steps} ({summary.get('num_processes', 1)} process(es)) |",
         f"| mixed precision | {training['mixed_precision']} |",
-        *[f"| `--{name}` | {getattr(config, name)} |" for name in MAIN_FLAGS if hasattr(config, name)],
+        *[f"| `--{name}` | {getattr(config, name)} |" for name in main_flags(config) if hasattr(config, name)],
         f"| final training loss | {summary.get('final_loss')} |",
         *[f"| {name} | {value:.4f} |" for name, value in (summary.get("validation") or {}).items()],
         "",

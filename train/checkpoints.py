@@ -18,6 +18,7 @@ import shutil
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 
+from . import lora
 from .config import CONFIG_NAME, TrainConfig
 
 logger = logging.getLogger(__name__)
@@ -26,11 +27,16 @@ TRAIN_STATE = "train_state.json"  # written last: marks the checkpoint complete
 
 
 def register_checkpoint_hooks(accelerator: Accelerator, objective, model, ema) -> None:
-    """Checkpoints hold the model (and EMA) as diffusers folders of safetensors, like the reference."""
+    """Checkpoints hold the model (and EMA) as diffusers folders of safetensors, like the reference.
+
+    Under --rank they hold only the adapter (and its EMA) as diffusers LoRA files (train/lora.py).
+    """
     subfolder = objective.model_subfolder
 
     def save_hook(models, weights, output_dir):
-        if accelerator.is_main_process:
+        if accelerator.is_main_process and lora.has_adapter(model):
+            lora.save_checkpoint(model, ema, output_dir, subfolder)
+        elif accelerator.is_main_process:
             if ema is not None:
                 ema.save_pretrained(os.path.join(output_dir, f"{subfolder}_ema"))
             accelerator.unwrap_model(model).save_pretrained(os.path.join(output_dir, subfolder))
@@ -40,6 +46,11 @@ def register_checkpoint_hooks(accelerator: Accelerator, objective, model, ema) -
     def load_hook(models, input_dir):
         while models:
             models.pop()
+        if lora.has_adapter(model):
+            lora.load_checkpoint(model, ema, input_dir, subfolder)
+            if ema is not None:
+                ema.to(accelerator.device)
+            return
         loaded = objective.model_class.from_pretrained(input_dir, subfolder=subfolder)
         model.load_state_dict(loaded.state_dict())
         if ema is not None:  # what EMAModel.from_pretrained does, minus its deprecated from_config(path) call

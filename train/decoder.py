@@ -25,6 +25,8 @@ from .decoder_config import DecoderTrainConfig
 from .decoder_validation import DecoderValidation
 from .diffusion import diffusion_mse, draw_noise_and_timesteps, prediction_target
 from .export import export_pipeline
+from .lora import (ADDED_KV_TARGETS, ATTENTION_TARGETS, add_lora, export_trainee, folder_load_line,
+                   refuse_adapter_folder)
 from .loader import load_validation
 from .objective import ObjectiveBase, refuse_unfit_cache
 from .paths import check_pipeline
@@ -175,13 +177,15 @@ class DecoderObjective(ObjectiveBase):
                        (UNET_SUBFOLDER, "scheduler", "movq"), "decoder")
         check_pipeline("pretrained_prior_model_name_or_path", self.config.pretrained_prior_model_name_or_path,
                        ("prior", "scheduler"), "prior")
+        refuse_adapter_folder("pretrained_decoder_model_name_or_path", self.config.pretrained_decoder_model_name_or_path,
+                              UNET_SUBFOLDER)
         unet = UNet2DConditionModel.from_pretrained(self.config.pretrained_decoder_model_name_or_path,
                                                     subfolder=UNET_SUBFOLDER, cache_dir=self.config.cache_dir)
         if self.config.enable_xformers_memory_efficient_attention:
             enable_xformers(unet)
         if self.config.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
-        return unet.train()
+        return add_lora(unet.train(), self.config, ATTENTION_TARGETS + ADDED_KV_TARGETS)  # under --rank
 
     def check_manifest(self, manifest: fmt.Manifest, model: UNet2DConditionModel) -> None:
         scale = movq_scale_factor(self.config.pretrained_decoder_model_name_or_path, self.config.cache_dir)
@@ -229,22 +233,26 @@ class DecoderObjective(ObjectiveBase):
         """A complete KandinskyV22Pipeline folder: trained unet + the base's movq and scheduler files.
 
         The model card's `prior:` entry names the prior, which is how AutoPipelineForText2Image
-        (KandinskyV22CombinedPipeline) finds it, as on the hub.
+        (KandinskyV22CombinedPipeline) finds it, as on the hub. Under --rank: the base unet plus the
+        adapter file (or the merged unet), see train/lora.py.
         """
         config = self.config
-        export_pipeline(config.pretrained_decoder_model_name_or_path, output_dir, {UNET_SUBFOLDER: model},
-                        FROZEN_COMPONENTS, cache_dir=config.cache_dir)
         where = config.hub_model_id if config.push_to_hub else os.path.abspath(output_dir)
+        parts = export_trainee(model, output_dir, UNET_SUBFOLDER, FROZEN_COMPONENTS, config, "pipe.unet", where)
+        prior = hub_id(config.pretrained_prior_model_name_or_path)  # a LoRA prior's adapter is loaded by hand too
+        load = parts.load + folder_load_line("pipe.prior_prior", config.pretrained_prior_model_name_or_path, prior)
+        export_pipeline(config.pretrained_decoder_model_name_or_path, output_dir, parts.trained, parts.frozen,
+                        cache_dir=config.cache_dir)
         write_model_card(
             output_dir,
             base_model=config.pretrained_decoder_model_name_or_path,
             title="Kandinsky 2.2 decoder fine-tuned from an embedding cache",
-            usage=_USAGE.format(path=where),
+            usage=parts.note + _USAGE.format(path=where, load=load),
             config=config,
             summary=summary,
             manifest=self.source.manifest,
             cache_location=self.source.location,
-            prior=hub_id(config.pretrained_prior_model_name_or_path),
+            prior=prior,
         )
 
 
@@ -252,7 +260,7 @@ _USAGE = """```python
 from diffusers import AutoPipelineForText2Image
 
 pipe = AutoPipelineForText2Image.from_pretrained("{path}")  # the prior comes from this card's `prior:` entry
-image = pipe("a red circle on a blue background").images[0]
+{load}image = pipe("a red circle on a blue background").images[0]
 ```
 
 `KandinskyV22Pipeline.from_pretrained("{path}")` is the decoder alone (`image_embeds`, `negative_image_embeds`)."""

@@ -8,11 +8,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .config import TrainConfig
+from .lora import LoraFlags
 from .prior_config import DEFAULT_DECODER, DEFAULT_PRIOR
 
 
 @dataclass
-class DecoderTrainConfig(TrainConfig):
+class DecoderTrainConfig(LoraFlags, TrainConfig):
     """Fine-tune the Kandinsky 2.2 decoder (UNet2DConditionModel) from cached MoVQ latents and image embeddings."""
 
     command = "decoder"

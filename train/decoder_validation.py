@@ -34,6 +34,7 @@ from precompute import format as fmt
 from precompute import reader
 
 from .grids import labelled_grid, log_grid
+from .lora import load_folder_adapter
 from .prior_validation import cached_prompts, sample_image_embeds, text_batch
 from .render import DecoderParts, decode_latents, render
 
@@ -56,7 +57,9 @@ def prompt_image_embeds(prior_path: str, manifest: fmt.Manifest, prompts: list[d
 
     Raises ValueError when the prior does not fit the cache's text encodings.
     """
-    prior = PriorTransformer.from_pretrained(prior_path, subfolder="prior", cache_dir=cache_dir).eval().to(device)
+    prior = PriorTransformer.from_pretrained(prior_path, subfolder="prior", cache_dir=cache_dir)
+    load_folder_adapter(prior, prior_path)  # a LoRA prior's export samples with its adapter, as its card loads it
+    prior = prior.eval().to(device)
     if (prior.config.embedding_dim, prior.config.num_embeddings) != (manifest.shapes.embedding_dim,
                                                                       manifest.shapes.max_length):
         raise ValueError(f"--pretrained_prior_model_name_or_path {prior_path} does not fit the cache's text "

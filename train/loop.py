@@ -25,6 +25,7 @@ from .checkpoints import find_checkpoint, load_train_state, register_checkpoint_
 from .config import TrainConfig
 from .cpu_heap import limit_cpu_heap_fragmentation
 from .guard import StepGuard
+from .lora import ema_parameters
 from .loader import KEYS, build_loader
 from .loss_log import LossLog, read_losses, run_dir
 from .export import draw_loss_curve
@@ -129,10 +130,10 @@ def train(config: TrainConfig, objective: Objective) -> dict[str, Any]:
         raise Refused(str(exc)) from exc
     if accelerator.is_main_process:
         os.makedirs(config.output_dir, exist_ok=True)
+    averaged = ema_parameters(model)  # what the EMA averages: the adapter's weights under --rank, else all
     ema = None
     if config.use_ema:
-        ema = EMAModel(model.parameters(), decay=config.ema_decay, model_cls=objective.model_class,
-                       model_config=model.config)
+        ema = EMAModel(averaged, decay=config.ema_decay, model_cls=objective.model_class, model_config=model.config)
     register_checkpoint_hooks(accelerator, objective, model, ema)
 
     if config.allow_tf32:
@@ -183,7 +184,7 @@ def train(config: TrainConfig, objective: Objective) -> dict[str, Any]:
                 continue
 
             if ema is not None:
-                ema.step(model.parameters())
+                ema.step(averaged)
             global_step += 1
             guard.end_step(global_step, lr_scheduler.get_last_lr()[0])
             progress.update(1)
@@ -199,7 +200,7 @@ def train(config: TrainConfig, objective: Objective) -> dict[str, Any]:
 
     accelerator.wait_for_everyone()
     if ema is not None:
-        ema.copy_to(model.parameters())  # from here on the model holds the EMA weights (validated, exported)
+        ema.copy_to(averaged)  # from here on the model holds the EMA weights (validated, exported)
     summary = {"global_step": global_step, "losses": losses, "final_loss": losses[-1] if losses else None,
                "num_processes": world, "steps_per_epoch": steps_per_epoch, "seed": config.seed,
                "learning_rate": learning_rate, "cpu_mmap_threshold_kb": mmap_threshold_kb,
@@ -255,11 +256,11 @@ def validate(accelerator: Accelerator, objective: Objective, model, ema, step: i
     metrics: dict[str, float] = {}
     if accelerator.is_main_process:
         if ema is not None:
-            ema.store(model.parameters())
-            ema.copy_to(model.parameters())
+            ema.store(ema_parameters(model))
+            ema.copy_to(ema_parameters(model))
         metrics = objective.validate(model, step, accelerator)
         if ema is not None:
-            ema.restore(model.parameters())
+            ema.restore(ema_parameters(model))
         if metrics:
             accelerator.log(metrics, step=step)
             accelerator.print(f"validation @ step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))

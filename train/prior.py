@@ -20,6 +20,7 @@ from precompute import reader
 from .card import hub_id, write_model_card
 from .diffusion import diffusion_mse, draw_noise_and_timesteps, prediction_target
 from .export import export_pipeline
+from .lora import ATTENTION_TARGETS, add_lora, export_trainee, folder_load_line, refuse_adapter_folder
 from .loader import load_validation
 from .objective import Bucketing, ObjectiveBase, refuse_unfit_cache
 from .paths import check_pipeline
@@ -184,12 +185,14 @@ class PriorObjective(ObjectiveBase):
         if self.config.pretrained_decoder_model_name_or_path is not None:
             check_pipeline("pretrained_decoder_model_name_or_path", self.config.pretrained_decoder_model_name_or_path,
                            ("unet", "movq", "scheduler"), "decoder")
+        refuse_adapter_folder("pretrained_prior_model_name_or_path", self.config.pretrained_prior_model_name_or_path,
+                              PRIOR_SUBFOLDER)
         prior = PriorTransformer.from_pretrained(self.config.pretrained_prior_model_name_or_path,
                                                  subfolder=PRIOR_SUBFOLDER, cache_dir=self.config.cache_dir)
         # Used only to (de)normalise, never in forward: trainable they would stall DDP's gradient reduction.
         prior.clip_mean.requires_grad_(False)
         prior.clip_std.requires_grad_(False)
-        return prior.train()
+        return add_lora(prior.train(), self.config, ATTENTION_TARGETS)  # frozen, with an adapter, under --rank
 
     def check_manifest(self, manifest: fmt.Manifest, model: PriorTransformer) -> None:
         check_manifest(manifest, model)
@@ -241,17 +244,23 @@ class PriorObjective(ObjectiveBase):
                              snr_gamma=self.config.snr_gamma, clip_mean=self.clip_mean, clip_std=self.clip_std)
 
     def export(self, model: PriorTransformer, output_dir: str, summary: dict) -> None:
-        """A complete KandinskyV22PriorPipeline folder: trained prior + the base's frozen files."""
-        export_pipeline(self.config.pretrained_prior_model_name_or_path, output_dir, {PRIOR_SUBFOLDER: model},
-                        FROZEN_COMPONENTS, cache_dir=self.config.cache_dir)
+        """A complete KandinskyV22PriorPipeline folder: trained prior + the base's frozen files.
+
+        Under --rank: the base prior plus the adapter file (or the merged prior), see train/lora.py.
+        """
         config = self.config
-        decoder = hub_id(config.pretrained_decoder_model_name_or_path or DEFAULT_DECODER)
         where = config.hub_model_id if config.push_to_hub else os.path.abspath(output_dir)
+        parts = export_trainee(model, output_dir, PRIOR_SUBFOLDER, FROZEN_COMPONENTS, config, "prior.prior", where)
+        export_pipeline(config.pretrained_prior_model_name_or_path, output_dir, parts.trained, parts.frozen,
+                        cache_dir=config.cache_dir)
+        decoder_path = config.pretrained_decoder_model_name_or_path or DEFAULT_DECODER
+        decoder = hub_id(decoder_path)
+        decoder_load = folder_load_line("pipe.unet", decoder_path, decoder)  # a LoRA decoder's adapter, by hand
         write_model_card(
             output_dir,
             base_model=config.pretrained_prior_model_name_or_path,
             title="Kandinsky 2.2 prior fine-tuned from an embedding cache",
-            usage=_USAGE.format(path=where, decoder=decoder),
+            usage=parts.note + _USAGE.format(path=where, decoder=decoder, load=parts.load, decoder_load=decoder_load),
             config=config,
             summary=summary,
             manifest=self.source.manifest,
@@ -263,11 +272,11 @@ _USAGE = """```python
 from diffusers import AutoPipelineForText2Image, KandinskyV22PriorPipeline
 
 prior = KandinskyV22PriorPipeline.from_pretrained("{path}")
-pipe = AutoPipelineForText2Image.from_pretrained(
+{load}pipe = AutoPipelineForText2Image.from_pretrained(
     "{decoder}", prior_prior=prior.prior,
     prior_text_encoder=prior.text_encoder, prior_tokenizer=prior.tokenizer,
     prior_image_encoder=prior.image_encoder, prior_image_processor=prior.image_processor,
     prior_scheduler=prior.scheduler,
 )
-image = pipe("a red circle on a blue background").images[0]
+{decoder_load}image = pipe("a red circle on a blue background").images[0]
 ```"""

@@ -9,13 +9,14 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from .config import TrainConfig
+from .lora import LoraFlags
 
 DEFAULT_PRIOR = "kandinsky-community/kandinsky-2-2-prior"
 DEFAULT_DECODER = "kandinsky-community/kandinsky-2-2-decoder"  # named in the prior card's usage when none is given
 
 
 @dataclass
-class PriorTrainConfig(TrainConfig):
+class PriorTrainConfig(LoraFlags, TrainConfig):
     """Fine-tune the Kandinsky 2.2 prior (PriorTransformer) from cached text and image embeddings."""
 
     command = "prior"

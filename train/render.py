@@ -15,6 +15,8 @@ import torch
 from diffusers import DDPMScheduler, KandinskyV22Pipeline, UNet2DConditionModel, VQModel
 from PIL import Image
 
+from .lora import load_folder_adapter
+
 DECODER_GUIDANCE = 4.0  # KandinskyV22Pipeline's default guidance_scale
 
 
@@ -49,6 +51,7 @@ class DecoderParts:
         unet = None
         if with_unet:
             unet = UNet2DConditionModel.from_pretrained(decoder, subfolder="unet", cache_dir=cache_dir)
+            load_folder_adapter(unet, decoder)  # a LoRA decoder's export renders with its adapter
             unet = unet.requires_grad_(False).eval().to(device)
         return cls(DDPMScheduler.from_pretrained(decoder, subfolder="scheduler", cache_dir=cache_dir),
                    load_movq_decoder(decoder, device, cache_dir), unet)
