@@ -171,7 +171,8 @@ def test_skip_trains_on_everything_else_and_reports_what_it_left_out(train_prior
                           objective_class=KeyProbe)
     assert summary["skipped_records"] == 1 and [s[1] for s in summary["skipped"]] == [key]
     assert f"sample {key}: image_embeds.npy holds non-finite" in capsys.readouterr().out  # listed at the end
-    assert len(KeyProbe.seen) == 56 and not [k for k in KeyProbe.seen if k.endswith(f":{key}")]
+    # 14 batches of the 56 samples: the skipped record left a hole in its batch (train/order.py)
+    assert len(KeyProbe.seen) == 55 and not [k for k in KeyProbe.seen if k.endswith(f":{key}")]
     assert all(math.isfinite(x) for x in summary["losses"])
     weights = load_file(str(tmp_path / "out" / "prior" / WEIGHTS))
     assert all(torch.isfinite(t).all() for t in weights.values())

@@ -135,6 +135,20 @@ def find_checkpoint(config: TrainConfig) -> str | None:
     raise FileNotFoundError(f"--resume_from_checkpoint {wanted}: no complete checkpoint there")
 
 
+def check_processes(resume_dir: str, num_processes: int) -> None:
+    """Refuse (ValueError) to resume a checkpoint saved by another number of processes.
+
+    The data order deals global batches of batch size x processes, and every process restores its own
+    random states (noise, timesteps): under another number neither can continue exactly.
+    """
+    with open(os.path.join(resume_dir, "data_state_0.json")) as handle:
+        saved = json.load(handle).get("world_size", num_processes)
+    if saved != num_processes:
+        raise ValueError(f"{os.path.basename(os.path.normpath(resume_dir))} was saved by {saved} processes, this run "
+                         f"has {num_processes}: resume it with {saved} (the data order and each process's random "
+                         "states depend on the number), or start a new run")
+
+
 def resolve_seed(config: TrainConfig, resume_dir: str | None) -> int:
     """The given seed, else the resumed run's, else a fresh one shared by every process."""
     if config.seed is not None:

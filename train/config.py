@@ -131,19 +131,21 @@ class TrainConfig:
     )
     dataloader_num_workers: int = field(
         default=0,
-        metadata={"help": "DataLoader worker processes per process; each reads its own shards (needs at least "
-                  "processes x workers training shards)."},
+        metadata={"help": "DataLoader worker processes per process. Any number works with any number of shards: "
+                  "each worker reads only the records of its own batches (train/order.py), and the data order "
+                  "does not depend on it (a resume may change it)."},
     )
     shuffle_buffer: int = field(
         default=1000,
-        metadata={"help": "Samples held in each reader's shuffle buffer (shard order is also shuffled every "
-                  "epoch); 1 disables sample shuffling."},
+        metadata={"help": "Shuffle window, in samples: every epoch the shard order is permuted, and the samples of "
+                  "consecutive shards are shuffled within windows of this many (a sample moves only within its "
+                  "window, so reads stay within a few shards); 1 disables sample shuffling."},
     )
     max_train_samples: Optional[int] = field(
         default=None,
         metadata={"help": "Train on N samples only: the first N of a permutation of the cache's training samples "
                   "seeded by --seed (as diffusers' dataset.shuffle(seed).select(range(N))); epochs then count N "
-                  "samples. The other samples are still read from the shards, and skipped. Default: all."},
+                  "samples. The other samples are not read. Default: all."},
     )
     validation_steps: Optional[int] = field(
         default=None,

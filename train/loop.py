@@ -21,7 +21,8 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
-from .checkpoints import find_checkpoint, load_train_state, register_checkpoint_hooks, resolve_seed, save_checkpoint
+from .checkpoints import (check_processes, find_checkpoint, load_train_state, register_checkpoint_hooks, resolve_seed,
+                          save_checkpoint)
 from .config import TrainConfig
 from .cpu_heap import limit_cpu_heap_fragmentation
 from .guard import StepGuard
@@ -114,6 +115,8 @@ def train(config: TrainConfig, objective: Objective) -> dict[str, Any]:
     mmap_threshold_kb = tune_cpu_heap(config, accelerator)
     try:  # everything that can refuse the job does so before step 1, with one message
         resume_dir = find_checkpoint(config)
+        if resume_dir is not None:
+            check_processes(resume_dir, accelerator.num_processes)
         config.seed = resolve_seed(config, resume_dir)
         set_seed(config.seed)
         source = resolve_source(config.shards, config.manifest)
