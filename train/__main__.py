@@ -17,6 +17,7 @@ from .hub import HubError, create_hub_repo, is_main_rank, push_output  # noqa: E
 from .guard import Stopped  # noqa: E402
 from .loop import Refused, train  # noqa: E402
 from .prior import PriorObjective  # noqa: E402
+from .storage import discard_staging  # noqa: E402
 
 # command -> objective class; each objective class names its config class (`config_class`).
 OBJECTIVES = {"prior": PriorObjective, "decoder": DecoderObjective}
@@ -78,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         except HubError as exc:
             return fail(command, exc, 1)
         print(f"Uploaded {config.output_dir} to https://huggingface.co/{repo_id}")
+        discard_staging(config)  # a URL --output_dir: the staged copy was kept for this upload
     return 0
 
 

@@ -234,7 +234,7 @@ class DecoderObjective(ObjectiveBase):
         config = self.config
         export_pipeline(config.pretrained_decoder_model_name_or_path, output_dir, {UNET_SUBFOLDER: model},
                         FROZEN_COMPONENTS, cache_dir=config.cache_dir)
-        where = config.hub_model_id if config.push_to_hub else os.path.abspath(output_dir)
+        where = config.hub_model_id if config.push_to_hub else config.output_url or os.path.abspath(output_dir)
         write_model_card(
             output_dir,
             base_model=config.pretrained_decoder_model_name_or_path,

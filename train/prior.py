@@ -246,7 +246,7 @@ class PriorObjective(ObjectiveBase):
                         FROZEN_COMPONENTS, cache_dir=self.config.cache_dir)
         config = self.config
         decoder = hub_id(config.pretrained_decoder_model_name_or_path or DEFAULT_DECODER)
-        where = config.hub_model_id if config.push_to_hub else os.path.abspath(output_dir)
+        where = config.hub_model_id if config.push_to_hub else config.output_url or os.path.abspath(output_dir)
         write_model_card(
             output_dir,
             base_model=config.pretrained_prior_model_name_or_path,
