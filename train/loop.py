@@ -217,8 +217,8 @@ def train(config: TrainConfig, objective: Objective) -> dict[str, Any]:
         config.save(config.output_dir)
         objective.export(accelerator.unwrap_model(model), config.output_dir, summary)
     accelerator.wait_for_everyone()
+    publish_run(accelerator, config)  # a URL --output_dir: upload what is staged (needs the process group)
     accelerator.end_training()
-    publish_run(accelerator, config)  # a URL --output_dir: upload what is staged
     accelerator.print(f"Saved the {objective.name} pipeline to {summary['output_dir']}")
     return summary
 

@@ -151,6 +151,7 @@ def publish_run(accelerator: Accelerator, config) -> None:
     if config.output_url is None:
         return
     if accelerator.is_main_process:
+        flush_trackers(accelerator)  # still open: accelerator.end_training() comes after the upload's barrier
         remove_published(config, MODEL_INDEX)
         for name in sorted(os.listdir(config.output_dir)):
             if not name.startswith("checkpoint-") and name not in (STAGING_MARK, RESUMED, MODEL_INDEX):
