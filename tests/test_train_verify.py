@@ -19,6 +19,7 @@ from precompute.shard_index import CorruptRecord
 from precompute.verify import CorruptShard, all_finite
 from train.decoder import TRAIN_MEMBERS as DECODER_MEMBERS
 from train.loader import KEYS, build_loader
+from train.order import EpochOrder
 from train.prior import TRAIN_MEMBERS as PRIOR_MEMBERS
 from train.prior import PriorObjective
 from train.source import resolve_source
@@ -194,7 +195,15 @@ class Crashing(PriorObjective):
 @pytest.mark.parametrize("workers", [0, 2])
 def test_resume_under_skip_is_exact(train_prior, tiny_cache, tmp_path, workers):
     cache = copy_cache(tiny_cache, tmp_path / "cache")
-    keys = [damage_record(cache, CONSISTENT["nan_image_embeds"][0], position) for position in (1, 6, 11)]
+    # records read in steps 1-10 and 11-20 (the session's shard layout varies): one before the checkpoint, two after
+    shards = resolve_source([str(cache)]).train
+    order = EpochOrder([s.count for s in shards], seed=0, window=10, world_size=1, batch_size=4)
+    epochs = [order.locate(epoch, np.arange(order.num_samples)) for epoch in (0, 1)]
+    read = [(int(s), int(r)) for chunk in epochs for s, r in zip(chunk.shards, chunk.records)]  # (shard, record)
+    before, after = read[:40], read[40:80]
+    chosen = [before[1]] + [after[3]] + [x for x in after[9:] if x not in (before[1], after[3])][:1]
+    keys = [damage_record(cache, CONSISTENT["nan_image_embeds"][0], record, Path(shards[shard].url).name)
+            for shard, record in chosen]
     flags = ("--max_train_steps", "20", "--checkpointing_steps", "5", "--on_corrupt", "skip", "--shuffle_buffer", "10",
              "--dataloader_num_workers", str(workers))
     straight = train_prior(tmp_path / "straight", cache, *flags)
