@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import sys
 
+from .launcher import lone_process_problem
+
 
 def main(argv: list[str] | None = None) -> int:
     """Run the job named by `argv` (default: the command line); returns the exit code."""
@@ -22,6 +24,10 @@ def main(argv: list[str] | None = None) -> int:
         from .report import report_main
 
         return report_main(argv[1:])
+    problem = None if {"-h", "--help"} & set(argv) else lone_process_problem()
+    if problem:  # before anything is imported or loaded
+        print(f"precompute: error: {problem}", file=sys.stderr)
+        return 2
     from .main import main as job_main
 
     return job_main(argv)

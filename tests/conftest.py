@@ -233,3 +233,44 @@ def train_prior(tiny_models):
             torch.set_num_threads(threads)
 
     return run
+
+
+# --- object storage (moto's S3 server on 127.0.0.1) ------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """An S3-compatible server (moto) on loopback for the session; yields its endpoint URL.
+
+    The environment keeps boto3 off the network (PITFALLS): dummy keys, a region, the endpoint in
+    AWS_ENDPOINT_URL (which s3fs and the subprocesses started by tests read), no profile, session
+    token, config file or instance metadata lookup. Restored when the session ends.
+    """
+    pytest.importorskip("s3fs")
+    server_module = pytest.importorskip("moto.server")
+    saved = dict(os.environ)
+    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN"):
+        os.environ.pop(name, None)
+    os.environ.update(AWS_ACCESS_KEY_ID="test", AWS_SECRET_ACCESS_KEY="test", AWS_DEFAULT_REGION="us-east-1",
+                      AWS_EC2_METADATA_DISABLED="true", AWS_CONFIG_FILE=os.devnull,
+                      AWS_SHARED_CREDENTIALS_FILE=os.devnull)
+    server = server_module.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    os.environ["AWS_ENDPOINT_URL"] = f"http://{host}:{port}"
+    yield os.environ["AWS_ENDPOINT_URL"]
+    server.stop()
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+@pytest.fixture
+def s3_bucket(s3_server, request) -> str:
+    """A new, empty bucket on the test server: its URL, s3://NAME."""
+    import hashlib
+
+    import fsspec
+
+    name = "test-" + hashlib.sha256(request.node.nodeid.encode()).hexdigest()[:20]  # bucket names: 3-63 chars
+    fsspec.filesystem("s3", skip_instance_cache=True).mkdir(name)
+    return f"s3://{name}"

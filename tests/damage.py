@@ -72,12 +72,13 @@ def edit_array(name: str, change: Callable[[np.ndarray], np.ndarray]) -> Callabl
     return edit
 
 
-def damage_record(cache: Path, edit: Callable[[Members], Members], position: int = 1) -> str:
-    """Consistent damage: rewrite record `position` of the first training shard with `edit`, re-index it.
+def damage_record(cache: Path, edit: Callable[[Members], Members], position: int = 1, shard: str | None = None) -> str:
+    """Consistent damage: rewrite record `position` of `shard` (default the first training shard) with `edit`,
+    re-index it.
 
     Returns the damaged sample's key.
     """
-    shard = first_train_shard(cache)
+    shard = shard or first_train_shard(cache)
     items = records(cache / shard)
     key, members = items[position]
     items[position] = (key, edit(members))

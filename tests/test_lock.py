@@ -107,49 +107,25 @@ def test_a_second_job_while_the_first_is_paused_between_units(tiny_models, sampl
     assert {s[fmt.IMAGE_EMBEDS].dtype for s in read_cache(out, split=None)} == {np.dtype(np.float16)}
 
 
-# --- object storage (moto's S3 server on 127.0.0.1) ------------------------------------------------
+# --- object storage (the S3 server of conftest.py on 127.0.0.1) ---------------------------------------
 
 
-@pytest.fixture(scope="module")
-def s3_endpoint():
-    """A moto S3 server on loopback, with the environment that keeps boto3 off the network."""
-    pytest.importorskip("s3fs")
-    server_module = pytest.importorskip("moto.server")
-    saved = dict(os.environ)
-    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN"):
-        os.environ.pop(name, None)
-    os.environ.update(AWS_ACCESS_KEY_ID="test", AWS_SECRET_ACCESS_KEY="test", AWS_DEFAULT_REGION="us-east-1",
-                      AWS_EC2_METADATA_DISABLED="true", AWS_CONFIG_FILE=os.devnull,
-                      AWS_SHARED_CREDENTIALS_FILE=os.devnull)
-    server = server_module.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    os.environ["AWS_ENDPOINT_URL"] = f"http://{host}:{port}"
-    import fsspec
-
-    fsspec.filesystem("s3", skip_instance_cache=True).mkdir("locks-bucket")
-    yield "s3://locks-bucket"
-    server.stop()
-    os.environ.clear()
-    os.environ.update(saved)
-
-
-def test_the_test_server_honours_conditional_writes(s3_endpoint):
+def test_the_test_server_honours_conditional_writes(s3_bucket):
     import fsspec
 
     fs = fsspec.filesystem("s3")
-    with fs.open(f"{s3_endpoint}/probe/once", "xb") as handle:
+    with fs.open(f"{s3_bucket}/probe/once", "xb") as handle:
         handle.write(b"first")
     with pytest.raises(FileExistsError):
-        with fs.open(f"{s3_endpoint}/probe/once", "xb") as handle:
+        with fs.open(f"{s3_bucket}/probe/once", "xb") as handle:
             handle.write(b"second")
-    assert fs.cat_file(f"{s3_endpoint}/probe/once") == b"first"
+    assert fs.cat_file(f"{s3_bucket}/probe/once") == b"first"
 
 
-def test_s3_lock_refuses_a_second_job_and_takes_over_a_dead_ones(s3_endpoint, monkeypatch):
+def test_s3_lock_refuses_a_second_job_and_takes_over_a_dead_ones(s3_bucket, monkeypatch):
     import fsspec
 
-    url = f"{s3_endpoint}/cache-a"
+    url = f"{s3_bucket}/cache-a"
     first = acquire(url)
     assert not first.advisory and first.file_lock is None
     with pytest.raises(LockHeld, match=f"pid {os.getpid()}"):
@@ -167,8 +143,8 @@ def test_s3_lock_refuses_a_second_job_and_takes_over_a_dead_ones(s3_endpoint, mo
     assert job_lock.STALE_S > job_lock.HEARTBEAT_S
 
 
-def test_precompute_to_s3_is_refused_while_another_job_holds_it(tiny_models, sample_data, s3_endpoint, capsys):
-    url = f"{s3_endpoint}/cache-b"
+def test_precompute_to_s3_is_refused_while_another_job_holds_it(tiny_models, sample_data, s3_bucket, capsys):
+    url = f"{s3_bucket}/cache-b"
     held = acquire(url)
     assert run_precompute(tiny_models, url, "--max_samples", "2", "--encode", "prior",
                           source=["--train_data_dir", str(sample_data["imagefolder"])]) == 2

@@ -9,6 +9,7 @@ import sys
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # before transformers is imported
 
 from .config import parse_config  # noqa: E402
+from precompute.launcher import lone_process_problem  # noqa: E402
 from precompute.shard_index import CorruptRecord  # noqa: E402
 from precompute.verify import CorruptShard  # noqa: E402
 
@@ -17,6 +18,7 @@ from .hub import HubError, create_hub_repo, is_main_rank, push_output  # noqa: E
 from .guard import Stopped  # noqa: E402
 from .loop import Refused, train  # noqa: E402
 from .prior import PriorObjective  # noqa: E402
+from .storage import discard_staging  # noqa: E402
 
 # command -> objective class; each objective class names its config class (`config_class`).
 OBJECTIVES = {"prior": PriorObjective, "decoder": DecoderObjective}
@@ -56,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     try:
         config = parse_config(objective_class.config_class, flags, prog=f"{program()} {command}")
+        if problem := lone_process_problem():  # a launcher's lone process: it would train alone, silently
+            raise ValueError(problem)
         repo_id = create_hub_repo(config) if config.push_to_hub and is_main_rank() else None
     except (ValueError, HubError) as exc:  # a flag value refused by the config; the hub refusing the repository
         return fail(command, exc, 2)
@@ -78,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         except HubError as exc:
             return fail(command, exc, 1)
         print(f"Uploaded {config.output_dir} to https://huggingface.co/{repo_id}")
+        discard_staging(config)  # a URL --output_dir: the staged copy was kept for this upload
     return 0
 
 

@@ -1,4 +1,4 @@
-"""Checkpoints: `output_dir/checkpoint-N` with the model (and EMA) as safetensors, rotation and resume.
+"""Checkpoints: `output_dir/checkpoint-N` with the model (and EMA) as safetensors, rotation and resume (also at a URL).
 
 accelerate saves the optimizer, scheduler and RNG states; the hooks below save the trained model the
 way the reference scripts do (a diffusers folder per model). Each rank adds its data position, and
@@ -12,14 +12,17 @@ from __future__ import annotations
 import json
 import logging
 import os
+import posixpath
 import random
 import shutil
 
+import fsspec
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 
 from . import lora
 from .config import CONFIG_NAME, TrainConfig
+from .storage import drop_staged, fetch_checkpoint, publish_checkpoint, published, remove_published, upload
 
 logger = logging.getLogger(__name__)
 
@@ -73,11 +76,16 @@ def save_checkpoint(accelerator: Accelerator, config: TrainConfig, global_step: 
     skipped. Invariant: a death at any moment leaves every complete checkpoint that existed before
     the call, or the new one complete: a stale folder of the same name is removed before writing
     (its old marker must not vouch for half-written files), and older checkpoints are rotated away
-    (`--checkpoints_total_limit`) only after the new marker is on disk.
+    (`--checkpoints_total_limit`) only after the new marker is on disk. For a URL --output_dir the
+    same holds there: the checkpoint is staged locally, uploaded, its marker last (train/storage.py).
+    Returns where the checkpoint is published.
     """
-    path = os.path.join(config.output_dir, f"checkpoint-{global_step}")
-    if accelerator.is_main_process and os.path.isdir(path):
-        shutil.rmtree(path)  # left by an abandoned run that went past this step
+    name = f"checkpoint-{global_step}"
+    path = os.path.join(config.output_dir, name)
+    if accelerator.is_main_process:
+        if os.path.isdir(path):
+            shutil.rmtree(path)  # left by an abandoned run that went past this step
+        remove_published(config, name)  # the same at the URL
     accelerator.wait_for_everyone()
     accelerator.save_state(path)
     with open(os.path.join(path, f"data_state_{accelerator.process_index}.json"), "w") as handle:
@@ -85,65 +93,105 @@ def save_checkpoint(accelerator: Accelerator, config: TrainConfig, global_step: 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         config.save(path)
+    publish_checkpoint(accelerator, config, name, TRAIN_STATE)
+    if accelerator.is_main_process:
         with open(os.path.join(path, TRAIN_STATE), "w") as handle:
             json.dump({"global_step": global_step, **({"nonfinite_steps": list(nonfinite_steps)}
                                                          if nonfinite_steps else {})}, handle)
-        logger.info("saved state to %s", path)
+        if config.output_url is not None:
+            upload(config, f"{name}/{TRAIN_STATE}")
+        logger.info("saved state to %s", published(config, name))
         if config.checkpoints_total_limit is not None:
-            rotate_checkpoints(config.output_dir, config.checkpoints_total_limit, os.path.basename(path))
-    return path
+            rotate_checkpoints(published(config), config.checkpoints_total_limit, name)
+    drop_staged(accelerator, config, name)
+    return published(config, name)
 
 
 def rotate_checkpoints(output_dir: str, limit: int, newest: str) -> None:
     """Keep `newest` (complete) and the `limit - 1` latest complete checkpoints before it; remove every other one.
 
     Incomplete folders (a save that died) and folders past `newest` (an abandoned run) go too.
+    `output_dir` is a local directory or a URL.
     """
     step = int(newest.split("-")[-1])
     older = [name for name in list_checkpoints(output_dir) if int(name.split("-")[-1]) < step]
     keep = {newest, *(older[len(older) - (limit - 1):] if limit > 1 else [])}
+    fs, root = fsspec.core.url_to_fs(output_dir)
     for name in list_checkpoints(output_dir, complete_only=False):
         if name not in keep:
             logger.info("removing old checkpoint %s", name)
-            shutil.rmtree(os.path.join(output_dir, name))
+            fs.rm(f"{root}/{name}", recursive=True)
 
 
 def list_checkpoints(output_dir: str, complete_only: bool = True) -> list[str]:
-    """`checkpoint-N` names in `output_dir`, oldest first."""
-    if not os.path.isdir(output_dir):
+    """`checkpoint-N` names in `output_dir` (a local directory or a URL), oldest first."""
+    fs, root = fsspec.core.url_to_fs(output_dir)
+    fs.invalidate_cache()  # object storage listings are cached per filesystem: another process may have written
+    if not fs.isdir(root):
         return []
-    names = [d for d in os.listdir(output_dir) if d.startswith("checkpoint-") and d.split("-")[-1].isdigit()]
+    names = [posixpath.basename(p.rstrip("/")) for p in fs.ls(root, detail=False)]
+    names = [d for d in names if d.startswith("checkpoint-") and d.split("-")[-1].isdigit()]
     if complete_only:
-        names = [d for d in names if os.path.exists(os.path.join(output_dir, d, TRAIN_STATE))]
+        names = [d for d in names if fs.exists(f"{root}/{d}/{TRAIN_STATE}")]
     return sorted(names, key=lambda d: int(d.split("-")[-1]))
 
 
 def find_checkpoint(config: TrainConfig) -> str | None:
-    """The directory `--resume_from_checkpoint` names; `latest` in a directory without checkpoints starts a new run.
+    """The checkpoint `--resume_from_checkpoint` names (a path or URL); `latest` in a directory without checkpoints
+    starts a new run.
 
-    Raises FileNotFoundError for a named checkpoint that is not complete, and for `latest` when
-    checkpoint folders exist but none is complete (every save was cut short: starting over would
-    silently throw the run away).
+    `latest` looks where the run publishes (the URL of a URL --output_dir). Raises FileNotFoundError
+    for a named checkpoint that is not complete, and for `latest` when checkpoint folders exist but
+    none is complete (every save was cut short: starting over would silently throw the run away).
     """
-    wanted = config.resume_from_checkpoint
+    wanted, location = config.resume_from_checkpoint, published(config)
     if not wanted:
         return None
     if wanted == "latest":
-        names = list_checkpoints(config.output_dir)
+        names = list_checkpoints(location)
         if not names:
-            partial = list_checkpoints(config.output_dir, complete_only=False)
+            partial = list_checkpoints(location, complete_only=False)
             if partial:
                 raise FileNotFoundError(
-                    f"--resume_from_checkpoint latest: {len(partial)} checkpoint folder(s) in {config.output_dir} "
+                    f"--resume_from_checkpoint latest: {len(partial)} checkpoint folder(s) in {location} "
                     f"({', '.join(partial)}) but none is complete (no {TRAIN_STATE}: the save was cut short); "
                     "remove them to start a new run")
-            logger.warning("no checkpoint in %s: starting a new training run", config.output_dir)
+            logger.warning("no checkpoint in %s: starting a new training run", location)
             return None
-        return os.path.join(config.output_dir, names[-1])
-    for path in (wanted, os.path.join(config.output_dir, wanted)):
-        if os.path.exists(os.path.join(path, TRAIN_STATE)):
+        return published(config, names[-1])
+    for path in (wanted, published(config, wanted)):
+        fs, root = fsspec.core.url_to_fs(path)
+        if fs.exists(f"{root.rstrip('/')}/{TRAIN_STATE}"):
             return path
     raise FileNotFoundError(f"--resume_from_checkpoint {wanted}: no complete checkpoint there")
+
+
+def resume_checkpoint(accelerator: Accelerator, config: TrainConfig) -> str | None:
+    """The local directory of the checkpoint to resume from (downloaded from a URL), or None for a new run.
+
+    Every process calls it. Raises FileNotFoundError (see `find_checkpoint`) and ValueError for a
+    checkpoint of another number of processes (`check_processes`).
+    """
+    found = find_checkpoint(config)
+    if found is None:
+        return None
+    local = fetch_checkpoint(accelerator, config, found)
+    check_processes(local, accelerator.num_processes)
+    return local
+
+
+def check_processes(resume_dir: str, num_processes: int) -> None:
+    """Refuse (ValueError) to resume a checkpoint saved by another number of processes.
+
+    The data order deals global batches of batch size x processes, and every process restores its own
+    random states (noise, timesteps): under another number neither can continue exactly.
+    """
+    with open(os.path.join(resume_dir, "data_state_0.json")) as handle:
+        saved = json.load(handle).get("world_size", num_processes)
+    if saved != num_processes:
+        raise ValueError(f"{os.path.basename(os.path.normpath(resume_dir))} was saved by {saved} processes, this run "
+                         f"has {num_processes}: resume it with {saved} (the data order and each process's random "
+                         "states depend on the number), or start a new run")
 
 
 def resolve_seed(config: TrainConfig, resume_dir: str | None) -> int:

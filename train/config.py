@@ -40,8 +40,23 @@ class TrainConfig:
     )
     output_dir: str = field(
         default="kandi_2_2-model-finetuned",
-        metadata={"help": "Where checkpoints, logs, the final pipeline folder, model card and loss curve go."},
+        metadata={"help": "Where checkpoints, logs, the final pipeline folder, model card and loss curve go: a local "
+                  "directory or an fsspec URL (s3://bucket/run, gs://..., needs that filesystem's package, e.g. "
+                  "pip install s3fs). A URL's files are written in --local_staging_dir and uploaded when complete: "
+                  "each checkpoint with its completion marker last (rotation only after it), the logs at each "
+                  "checkpoint and at the end, the pipeline at the end; --resume_from_checkpoint latest downloads "
+                  "from there. s3:// endpoint and credentials come from the environment: AWS_ENDPOINT_URL, "
+                  "AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY (AWS_SESSION_TOKEN, AWS_PROFILE and ~/.aws, "
+                  "AWS_DEFAULT_REGION), other options from fsspec's configuration (FSSPEC_S3_* variables)."},
     )
+    local_staging_dir: Optional[str] = field(
+        default=None,
+        metadata={"help": "With a URL --output_dir: the local directory the run's files are written to before they "
+                  "are uploaded (room for one checkpoint and the exported pipeline; emptied at the start, removed "
+                  "at the end). Default: a folder of the system's temporary directory named after the URL."},
+    )
+    # Set by the loop for a URL --output_dir (train/storage.py): the URL, while output_dir is the staging directory.
+    output_url: Optional[str] = field(default=None, init=False, repr=False)
     seed: Optional[int] = field(
         default=None,
         metadata={"help": "Seed of initialisation, noise and data order. Without it a seed is drawn and recorded "
@@ -131,19 +146,21 @@ class TrainConfig:
     )
     dataloader_num_workers: int = field(
         default=0,
-        metadata={"help": "DataLoader worker processes per process; each reads its own shards (needs at least "
-                  "processes x workers training shards)."},
+        metadata={"help": "DataLoader worker processes per process. Any number works with any number of shards: "
+                  "each worker reads only the records of its own batches (train/order.py), and the data order "
+                  "does not depend on it (a resume may change it)."},
     )
     shuffle_buffer: int = field(
         default=1000,
-        metadata={"help": "Samples held in each reader's shuffle buffer (shard order is also shuffled every "
-                  "epoch); 1 disables sample shuffling."},
+        metadata={"help": "Shuffle window, in samples: every epoch the shard order is permuted, and the samples of "
+                  "consecutive shards are shuffled within windows of this many (a sample moves only within its "
+                  "window, so reads stay within a few shards); 1 disables sample shuffling."},
     )
     max_train_samples: Optional[int] = field(
         default=None,
         metadata={"help": "Train on N samples only: the first N of a permutation of the cache's training samples "
                   "seeded by --seed (as diffusers' dataset.shuffle(seed).select(range(N))); epochs then count N "
-                  "samples. The other samples are still read from the shards, and skipped. Default: all."},
+                  "samples. The other samples are not read. Default: all."},
     )
     validation_steps: Optional[int] = field(
         default=None,
@@ -279,6 +296,9 @@ class TrainConfig:
     def to_dict(self) -> dict:
         """Every field (what train_config.json and the trackers record); a --hub_token is never written out."""
         values = dataclasses.asdict(self)
+        output_url = values.pop("output_url")
+        if output_url is not None:  # the output directory the user gave, not its local staging directory
+            values["output_dir"] = output_url
         if values.get("hub_token") is not None:
             values["hub_token"] = "<redacted>"
         return values

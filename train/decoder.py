@@ -237,7 +237,7 @@ class DecoderObjective(ObjectiveBase):
         adapter file (or the merged unet), see train/lora.py.
         """
         config = self.config
-        where = config.hub_model_id if config.push_to_hub else os.path.abspath(output_dir)
+        where = config.hub_model_id if config.push_to_hub else config.output_url or os.path.abspath(output_dir)
         parts = export_trainee(model, output_dir, UNET_SUBFOLDER, FROZEN_COMPONENTS, config, "pipe.unet", where)
         prior = hub_id(config.pretrained_prior_model_name_or_path)  # a LoRA prior's adapter is loaded by hand too
         load = parts.load + folder_load_line("pipe.prior_prior", config.pretrained_prior_model_name_or_path, prior)

@@ -21,7 +21,7 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
-from .checkpoints import find_checkpoint, load_train_state, register_checkpoint_hooks, resolve_seed, save_checkpoint
+from .checkpoints import load_train_state, register_checkpoint_hooks, resolve_seed, resume_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .cpu_heap import limit_cpu_heap_fragmentation
 from .guard import StepGuard
@@ -33,7 +33,8 @@ from .frozen import check_frozen_parts
 from .objective import Objective
 from .precision import effective_mixed_precision
 from .readback import ReadBack
-from .source import CacheSource, resolve_source
+from .source import CacheSource, resolve_source, training_samples
+from .storage import prepare_output, publish_run, published, stage_output
 from .trackers import resolve_trackers, tracker_config
 
 logger = logging.getLogger(__name__)
@@ -98,6 +99,7 @@ def train_step(accelerator: Accelerator, module: torch.nn.Module, objective: Obj
 def train(config: TrainConfig, objective: Objective) -> dict[str, Any]:
     """Run (or resume) one training job; returns a summary (losses per step, final validation, ...)."""
     launched = int(os.environ.get("WORLD_SIZE", "1"))
+    stage_output(config)  # a URL --output_dir: write in a local staging directory, upload from there
     accelerator = Accelerator(
         cpu=launched > 1 and not torch.cuda.is_available(),  # torchrun without GPUs: join a gloo group
         gradient_accumulation_steps=config.gradient_accumulation_steps,
@@ -114,7 +116,8 @@ def train(config: TrainConfig, objective: Objective) -> dict[str, Any]:
     config.mixed_precision = accelerator.mixed_precision
     mmap_threshold_kb = tune_cpu_heap(config, accelerator)
     try:  # everything that can refuse the job does so before step 1, with one message
-        resume_dir = find_checkpoint(config)
+        prepare_output(accelerator, config)
+        resume_dir = resume_checkpoint(accelerator, config)
         config.seed = resolve_seed(config, resume_dir)
         set_seed(config.seed)
         source = resolve_source(config.shards, config.manifest)
@@ -204,7 +207,7 @@ def train(config: TrainConfig, objective: Objective) -> dict[str, Any]:
     summary = {"global_step": global_step, "losses": losses, "final_loss": losses[-1] if losses else None,
                "num_processes": world, "steps_per_epoch": steps_per_epoch, "seed": config.seed,
                "learning_rate": learning_rate, "cpu_mmap_threshold_kb": mmap_threshold_kb,
-               "output_dir": config.output_dir, "history": history, "validation": {}, "encoders": encoders,
+               "output_dir": published(config), "history": history, "validation": {}, "encoders": encoders,
                **read_back.finish()}
     if validation_steps:
         summary["validation"] = validate(accelerator, objective, model, None, global_step)
@@ -214,24 +217,11 @@ def train(config: TrainConfig, objective: Objective) -> dict[str, Any]:
                         last_step=global_step)
         config.save(config.output_dir)
         objective.export(accelerator.unwrap_model(model), config.output_dir, summary)
-        accelerator.print(f"Saved the {objective.name} pipeline to {config.output_dir}")
     accelerator.wait_for_everyone()
+    publish_run(accelerator, config)  # a URL --output_dir: upload what is staged (needs the process group)
     accelerator.end_training()
+    accelerator.print(f"Saved the {objective.name} pipeline to {summary['output_dir']}")
     return summary
-
-
-def training_samples(config: TrainConfig, source: CacheSource) -> int:
-    """Samples in one epoch: those of the selected training shards, or --max_train_samples of them.
-
-    Raises ValueError when --max_train_samples exceeds the samples of the training shards.
-    """
-    available = source.num_samples  # of the shards --shards selects: an epoch is one pass over them
-    if config.max_train_samples is None:
-        return available
-    if config.max_train_samples > available:
-        raise ValueError(f"--max_train_samples {config.max_train_samples} exceeds the {available} samples of the "
-                         "training shards")
-    return config.max_train_samples
 
 
 def tune_cpu_heap(config: TrainConfig, accelerator: Accelerator) -> int | None:

@@ -1,52 +1,153 @@
 """The training data order, as pure functions of the seed: no file is read here.
 
-Each reader ("slot" = one DataLoader worker of one process) gets an endless stream of epochs. Epoch
-e is a pure function of (seed, e, slot): the shard order is a permutation seeded by (seed, e), slot s
-of n reads shards[s::n] in that order, a buffer shuffle seeded by (seed, e, s) reorders the samples,
-and every per-sample random choice (caption, dropout) comes from an RNG seeded by (seed, e, s, k)
-for the k-th sample of the epoch. A batch carries the position (e, k) its slot has reached, so a
-checkpoint stores where each slot is and a resumed run starts there: the buffer shuffle is replayed
-on indices only, shards fully consumed before that point are not even opened, and only the tail of
-the current shard is read (train/loader.py does the reading). Every process runs the same number of
-steps whatever its shard share (the stream never ends), so uneven shard counts cannot hang DDP.
+**An epoch.** The training samples are the records of the selected shards (with --max_train_samples,
+the subset `sample_subset` keeps), N in all. A sample's *global index* g is its shard's offset in the
+shard list plus its record position. Epoch e orders them in three steps, each a pure function of
+(seed, e):
 
-A checkpoint's position is only meaningful for the same layout (seed, processes, workers, batch
-size, shuffle buffer, length bucketing, --max_train_samples): `data_layout` records it, `layout_changes` compares it.
+1. the shards are permuted (seeded by (seed, e));
+2. their samples, concatenated in that order (record order within a shard), are cut into windows of
+   `window` consecutive samples (--shuffle_buffer; the last one shorter) and each window is permuted
+   (seeded by (seed, e, window)): a sample moves only within its window, so any stretch of the epoch
+   reads from the few shards of one or two windows (reads stay local);
+3. the resulting sequence of N samples is cut into global batches of B x P samples (B =
+   --train_batch_size, P = processes): micro-batch t of process r holds positions t·B·P + r·B ...
+   t·B·P + r·B + B − 1.
+
+**Remainder rule**: an epoch has M = ceil(N / (B·P)) micro-batches on every process; the last global
+batch is completed by wrapping around to the start of the same epoch's sequence (position q reads
+q mod N), as torch's DistributedSampler pads. So every sample is trained on once per epoch, and
+(−N mod B·P) of them (the first of the sequence) twice. The streams never end (the loop stops at
+--max_train_steps), and every process runs M micro-batches per epoch: no process waits on another.
+
+**Readers.** A process's micro-batches are grouped into *chunks* of K consecutive ones (K =
+--length_bucket_batches with length bucketing, else 1; the last chunk of an epoch is shorter). A
+chunk is what a reader reads: DataLoader worker w of W takes chunks w, w + W, w + 2W, ... of the run
+(the DataLoader takes its items round-robin), and reads only the chunk's records, by byte range
+through the shard index. So one shard feeds any number of processes x workers. With bucketing a
+chunk's samples are sorted by caption length, cut into batches of B and the batches shuffled
+(`length_bucketed`): the K micro-batches hold the same samples, regrouped. A record skipped as
+corrupt (--on_corrupt skip) leaves a hole: the chunk's remaining samples make ceil(n / B) batches,
+the last one short (a chunk left with none yields no batch).
+
+**Randomness.** Per-sample draws (caption choice, text dropout) come from an RNG seeded by (seed, e,
+g); a chunk's bucketing from (seed, e, r, chunk). None depends on the number of workers.
+
+**Resume.** A checkpoint stores each process's `Position` (epoch, chunk, batch within the chunk: the
+next batch to train). A chunk is a pure function of (seed, e, r, chunk) and the layout, so a resumed
+run trains exactly the batches an uninterrupted one would, whatever its number of DataLoader workers
+(they do not enter the order). The number of processes does (global batches, each process's noise
+RNG): a resume under another number is refused before step 1. Other layout changes (batch size,
+shuffle window, bucketing, --max_train_samples) restart the epoch reached, with a warning:
+`data_layout` records the layout, `layout_changes` compares it.
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import numpy as np
 
 Sample = TypeVar("Sample")
-Item = TypeVar("Item")
 # (batches per window, length key of a transformed sample): length-aware batching with `length_bucketed`
 Bucketing = tuple[int, Callable[[dict], int]]
+ORDER_VERSION = 2  # 1: each reader streamed whole shards (shards >= processes x workers); 2: this module
+WINDOW_STREAM, SAMPLE_STREAM = 1, 2  # RNG streams [seed, epoch, stream, ...]: disjoint from the shard order's
+SUBSET_STREAM = 2**31 - 1  # RNG stream of --max_train_samples: [seed, e] seeds epoch e, and no epoch reaches it
 
 
-def epoch_shards(shards: list[Item], seed: int, epoch: int, slot: int, num_slots: int) -> list[Item]:
-    """The shards slot `slot` of `num_slots` reads in `epoch`, in order (same permutation on every rank)."""
-    order = np.random.default_rng([seed, epoch]).permutation(len(shards))
-    return [shards[i] for i in order[slot::num_slots]]
+@dataclass(frozen=True)
+class Chunk:
+    """The samples of one chunk, in micro-batch order (batch_size per micro-batch): arrays [n]."""
+
+    shards: np.ndarray  # index of each sample's shard in the shard list
+    records: np.ndarray  # its record position in that shard
+    samples: np.ndarray  # its global index g (the key of its random draws)
 
 
-def buffer_order(n: int, bufsize: int, rng: np.random.Generator) -> Iterator[int]:
-    """Emission order of a buffer shuffle over n items: fill to `bufsize`, emit a random held item."""
-    buffer: list[int] = []
-    for index in range(n):
-        buffer.append(index)
-        if len(buffer) >= bufsize:
-            j = int(rng.integers(len(buffer)))
-            buffer[j], buffer[-1] = buffer[-1], buffer[j]
-            yield buffer.pop()
-    while buffer:
-        j = int(rng.integers(len(buffer)))
-        buffer[j], buffer[-1] = buffer[-1], buffer[j]
-        yield buffer.pop()
+class EpochOrder:
+    """Which samples every micro-batch of every process holds, epoch after epoch (see the module docstring).
+
+    `counts`: samples per shard (shard list order); `keep`: optional bool mask [count] per shard of
+    the samples trained on (--max_train_samples), None = all. Raises ValueError for an empty set.
+    """
+
+    def __init__(self, counts: Sequence[int], *, seed: int, window: int, world_size: int, batch_size: int,
+                 chunk_batches: int = 1, keep: Sequence[np.ndarray] | None = None):
+        self.seed, self.window, self.world_size, self.batch_size = seed, max(window, 1), world_size, batch_size
+        self.chunk_batches = chunk_batches
+        self.offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)  # [S + 1]: global index of record 0
+        # kept record positions per shard (None: all of them), and the kept count of each shard
+        self.kept = None if keep is None else [np.flatnonzero(mask) for mask in keep]
+        self.kept_counts = np.asarray(counts if keep is None else [len(k) for k in self.kept], dtype=np.int64)  # [S]
+        self.num_samples = int(self.kept_counts.sum())
+        if self.num_samples == 0:
+            raise ValueError("no training samples to order")
+        self.batches_per_epoch = -(-self.num_samples // (batch_size * world_size))  # M, per process
+        self.chunks_per_epoch = -(-self.batches_per_epoch // chunk_batches)
+        self._shard_order: tuple = (None, None, None)
+
+    def shard_order(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """The epoch's permutation of shard indices [S] (step 1) and where each starts in the epoch [S + 1]."""
+        if self._shard_order[0] != epoch:  # every chunk of an epoch asks: computed once
+            order = np.random.default_rng([self.seed, epoch]).permutation(len(self.kept_counts))  # [S]
+            self._shard_order = (epoch, order, np.concatenate([[0], np.cumsum(self.kept_counts[order])]))
+        return self._shard_order[1], self._shard_order[2]
+
+    def positions(self, rank: int, chunk: int) -> np.ndarray:
+        """Epoch sequence positions [n] of process `rank`'s chunk `chunk`, in micro-batch order (step 3 + wrap)."""
+        first = chunk * self.chunk_batches
+        batches = np.arange(first, min(first + self.chunk_batches, self.batches_per_epoch))  # [K]
+        step, b = self.batch_size * self.world_size, self.batch_size
+        q = batches[:, None] * step + rank * b + np.arange(b)[None, :]  # [K, B]
+        return q.ravel() % self.num_samples
+
+    def locate(self, epoch: int, q: np.ndarray) -> Chunk:
+        """The samples at epoch sequence positions `q` [n] (steps 1 and 2 inverted)."""
+        window = q // self.window  # [n]
+        unshuffled = np.empty_like(q)
+        for w in np.unique(window):
+            start = int(w) * self.window
+            size = min(self.window, self.num_samples - start)
+            perm = np.random.default_rng([self.seed, epoch, WINDOW_STREAM, int(w)]).permutation(size)  # [size]
+            at = window == w
+            unshuffled[at] = start + perm[q[at] - start]
+        order, starts = self.shard_order(epoch)  # [S], [S + 1]
+        slot = np.searchsorted(starts, unshuffled, side="right") - 1  # [n] position in the shard order
+        shards = order[slot]
+        records = unshuffled - starts[slot]  # k-th kept record of its shard
+        if self.kept is not None:
+            records = np.array([self.kept[s][k] for s, k in zip(shards, records)], dtype=np.int64)
+        return Chunk(shards, records, self.offsets[shards] + records)
+
+    def chunk(self, epoch: int, rank: int, chunk: int) -> Chunk:
+        """The samples of process `rank`'s chunk `chunk` of `epoch`, in micro-batch order."""
+        return self.locate(epoch, self.positions(rank, chunk))
+
+    def epoch_samples(self, epoch: int) -> np.ndarray:
+        """Global indices [N] of the whole epoch sequence, before the deal (what the tests check)."""
+        return self.locate(epoch, np.arange(self.num_samples)).samples
+
+    def sample_rng(self, epoch: int, sample: int) -> np.random.Generator:
+        """The RNG of sample `sample`'s draws (caption choice, dropout) in `epoch`."""
+        return np.random.default_rng([self.seed, epoch, SAMPLE_STREAM, sample])
+
+
+@dataclass(frozen=True)
+class Position:
+    """Where a process's stream is: the next batch to train is batch `batch` of chunk `chunk` of `epoch`."""
+
+    epoch: int = 0
+    chunk: int = 0
+    batch: int = 0
+
+    def after(self, chunks: int, chunks_per_epoch: int) -> Position:
+        """The start of the chunk `chunks` chunks after this one's."""
+        epoch, chunk = divmod(self.chunk + chunks, chunks_per_epoch)
+        return Position(self.epoch + epoch, chunk, 0)
 
 
 def length_bucketed(
@@ -55,7 +156,7 @@ def length_bucketed(
     batch_size: int,
     key: Callable[[Sample], Any],
     *,
-    seed: int | None = None,
+    seed: int | str | None = None,
     drop_last: bool = False,
 ) -> Iterator[list[Sample]]:
     """Batches of similar caption length (`key`), drawn from consecutive windows of the stream.
@@ -94,16 +195,15 @@ def _sorted_batches(buffer: list, batch_size: int, key: Callable, rng: random.Ra
     return batches
 
 
-def data_layout(seed: int, world_size: int, num_workers: int, batch_size: int, shuffle_buffer: int,
-                bucketing: Bucketing | None, max_samples: int | None = None) -> dict[str, int]:
+def data_layout(seed: int, world_size: int, batch_size: int, shuffle_window: int, bucketing: Bucketing | None,
+                max_samples: int | None = None) -> dict[str, int]:
     """What a saved data position depends on (stored with it in every checkpoint).
 
-    `max_samples` (--max_train_samples) is recorded only when set, so that checkpoints written
-    before it existed still match a run without it.
+    The number of DataLoader workers is not part of it: the order does not depend on it.
+    `max_samples` (--max_train_samples) is recorded only when set.
     """
-    layout = {"seed": seed, "world_size": world_size, "slots_per_process": max(num_workers, 1),
-              "batch_size": batch_size, "shuffle_buffer": shuffle_buffer,
-              "bucket_batches": bucketing[0] if bucketing else 0}
+    layout = {"order": ORDER_VERSION, "seed": seed, "world_size": world_size, "batch_size": batch_size,
+              "shuffle_buffer": shuffle_window, "bucket_batches": bucketing[0] if bucketing else 0}
     return layout if max_samples is None else {**layout, "max_samples": max_samples}
 
 
@@ -112,13 +212,11 @@ def layout_changes(state: dict, layout: dict[str, int]) -> dict[str, tuple]:
     return {k: (state.get(k), v) for k, v in layout.items() if state.get(k) != v}
 
 
-def restart_state(state: dict, num_slots: int) -> dict:
-    """A state that starts every one of `num_slots` slots at the beginning of the earliest epoch `state` reached."""
-    epoch = min((p[0] for p in state.get("positions", {}).values()), default=0)
-    return {"positions": {str(s): (epoch, 0) for s in range(num_slots)}, "batches": 0}
-
-
-SUBSET_STREAM = 2**31 - 1  # RNG stream of --max_train_samples: [seed, e] seeds epoch e, and no epoch reaches it
+def reached_epoch(state: dict) -> int:
+    """The epoch a saved data state had reached (also for the per-reader states of order version 1)."""
+    if "position" in state:
+        return int(state["position"][0])
+    return min((p[0] for p in state.get("positions", {}).values()), default=0)
 
 
 def sample_subset(counts: list[int], n: int, seed: int) -> list[np.ndarray]:
@@ -137,4 +235,3 @@ def sample_subset(counts: list[int], n: int, seed: int) -> list[np.ndarray]:
     keep[chosen] = True
     offsets = np.cumsum([0, *counts])  # [S + 1]
     return [keep[a:b] for a, b in zip(offsets[:-1], offsets[1:])]
-

@@ -249,7 +249,7 @@ class PriorObjective(ObjectiveBase):
         Under --rank: the base prior plus the adapter file (or the merged prior), see train/lora.py.
         """
         config = self.config
-        where = config.hub_model_id if config.push_to_hub else os.path.abspath(output_dir)
+        where = config.hub_model_id if config.push_to_hub else config.output_url or os.path.abspath(output_dir)
         parts = export_trainee(model, output_dir, PRIOR_SUBFOLDER, FROZEN_COMPONENTS, config, "prior.prior", where)
         export_pipeline(config.pretrained_prior_model_name_or_path, output_dir, parts.trained, parts.frozen,
                         cache_dir=config.cache_dir)

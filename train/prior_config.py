@@ -45,10 +45,10 @@ class PriorTrainConfig(LoraFlags, TrainConfig):
     )
     length_bucket_batches: int = field(
         default=8,
-        metadata={"help": "Length-aware batching for --trim_padding: consecutive windows of this many batches "
-                  "(from the shuffled stream) are sorted by caption length, cut into batches and the batches "
-                  "shuffled, so a batch holds captions of similar length and little padding is computed. Every "
-                  "sample is still seen once per epoch; 0 = plain random batches."},
+        metadata={"help": "Length-aware batching for --trim_padding: the samples of this many consecutive batches "
+                  "of a process (from the shuffled epoch) are sorted by caption length, cut into batches and the "
+                  "batches shuffled, so a batch holds captions of similar length and little padding is computed. "
+                  "Every sample is still seen once per epoch; 0 = plain random batches."},
     )
     trim_padding: bool = field(
         default=True,

@@ -12,11 +12,15 @@ from __future__ import annotations
 import os
 import posixpath
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from precompute import format as fmt
 from precompute import reader
 from precompute.reader import expand_urls
 from precompute.verify import shard_sizes
+
+if TYPE_CHECKING:
+    from .config import TrainConfig
 
 
 @dataclass(frozen=True)
@@ -100,3 +104,17 @@ def resolve_source(shards: list[str], manifest: str | None = None) -> CacheSourc
         train = [Shard(u, entries[posixpath.basename(u)]) for u in urls]
     check_sizes(train)  # the validation shards are checked where they are read (train/loader.py)
     return CacheSource(loaded, location, train, _shards(loaded, location, fmt.VALIDATION_SPLIT))
+
+
+def training_samples(config: TrainConfig, source: CacheSource) -> int:
+    """Samples in one epoch: those of the selected training shards, or --max_train_samples of them.
+
+    Raises ValueError when --max_train_samples exceeds the samples of the training shards.
+    """
+    available = source.num_samples  # of the shards --shards selects: an epoch is one pass over them
+    if config.max_train_samples is None:
+        return available
+    if config.max_train_samples > available:
+        raise ValueError(f"--max_train_samples {config.max_train_samples} exceeds the {available} samples of the "
+                         "training shards")
+    return config.max_train_samples
