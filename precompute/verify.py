@@ -9,7 +9,9 @@ The reader side of the cache's integrity chain (docs/cache-format.md, "What a re
 4. each decoded record against the manifest: every needed member present, the exact dtype (the
    manifest's storage dtype for float members, int32 for `text_lengths`), the shapes of
    `manifest.shapes` (`text_lengths` [C] in 1..max_length summing to the rows of `text_hidden`
-   [ΣL, H], `text_embeds` [C, E], C captions), and only finite values (`RecordSpec.check`).
+   [ΣL, H], `text_embeds` [C, E], C captions; `latents` and `latents_flip` of the record's
+   aspect-ratio bucket, from its shard entry's `buckets`, when the cache has buckets), and only
+   finite values (`RecordSpec.problem`).
 
 `RecordReader` runs 3 and 4 for the records a reader asks for, by byte range, and hands every
 failure (a `CorruptRecord` naming the shard URL and the sample key, or a `CorruptShard`) to the

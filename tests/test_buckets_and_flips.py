@@ -188,3 +188,16 @@ def test_decoder_trains_on_buckets_with_flips_and_resumes_exactly(variant_cache,
                                            "--resume_from_checkpoint", "latest"))
     assert len(straight["losses"]) == 4 and resumed["losses"] == straight["losses"][2:]
     assert np.isfinite(straight["validation"]["val/loss"])  # held-out latents stacked per shape
+
+
+def test_a_record_is_verified_against_its_own_bucket(variant_cache):
+    from precompute.verify import RecordSpec
+
+    manifest = fmt.Manifest.from_dict(json.loads((variant_cache / fmt.MANIFEST_NAME).read_text()))
+    spec = RecordSpec.of(manifest, flip_members(TRAIN_MEMBERS, True))
+    sample = read_cache(variant_cache, keys=["img00"])[0]  # 2:1 landscape
+    bucket = sample[fmt.META]["bucket"]
+    assert spec.problem(sample, bucket) is None
+    other = next(i for i, b in enumerate(manifest.shapes.buckets) if b.latents != manifest.shapes.buckets[bucket].latents)
+    assert f"expected {list(manifest.shapes.buckets[other].latents)} (the manifest's shapes of bucket {other})" in \
+        spec.problem(sample, other)
