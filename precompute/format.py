@@ -282,6 +282,8 @@ class Shapes(_Record):
         """The latents' shape of a record in `bucket` (None: an unbucketed cache's `latents`)."""
         if bucket is None or not self.buckets:
             return tuple(self.latents) if self.latents else None
+        if not 0 <= bucket < len(self.buckets):
+            raise FormatError(f"bucket {bucket} is not one of the manifest's {len(self.buckets)} shapes.buckets")
         return tuple(self.buckets[bucket].latents)
 
 

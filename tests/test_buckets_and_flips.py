@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from conftest import read_cache, run_precompute
 from PIL import Image
 
@@ -175,13 +174,12 @@ def test_random_flip_needs_a_cache_with_variants(train_prior, tiny_cache, tmp_pa
         train_prior(tmp_path / "run", tiny_cache, "--random_flip", "--max_train_steps", "1")
 
 
-def test_decoder_trains_on_buckets_with_flips_and_resumes_exactly(variant_cache, tiny_models, tmp_path):
+def test_decoder_trains_on_buckets_with_flips_and_resumes_exactly(variant_cache, tiny_models, tmp_path, one_thread):
     from test_train_decoder import decoder_flags, run_decoder
 
     common = ["--max_train_steps", "4", "--train_batch_size", "2", "--checkpointing_steps", "2", "--random_flip",
               "--validation_steps", "2", "--validation_images", "0", "--validation_samples", "2",
               "--shuffle_buffer", "4"]
-    torch.set_num_threads(1)
     straight, _ = run_decoder(decoder_flags(tiny_models, variant_cache, tmp_path / "a", *common))
     shutil.copytree(tmp_path / "a" / "checkpoint-2", tmp_path / "b" / "checkpoint-2")
     resumed, _ = run_decoder(decoder_flags(tiny_models, variant_cache, tmp_path / "b", *common,
@@ -201,3 +199,24 @@ def test_a_record_is_verified_against_its_own_bucket(variant_cache):
     other = next(i for i, b in enumerate(manifest.shapes.buckets) if b.latents != manifest.shapes.buckets[bucket].latents)
     assert f"expected {list(manifest.shapes.buckets[other].latents)} (the manifest's shapes of bucket {other})" in \
         spec.problem(sample, other)
+
+
+def test_update_keeps_buckets_and_flips_of_copied_records(variant_cache, tiny_models, tmp_path):
+    shutil.copytree(variant_cache.parent / "images", tmp_path / "images")
+    shutil.copytree(variant_cache, tmp_path / "cache")
+    _image((128, 64), 99).save(tmp_path / "images" / "img99.png")
+    with open(tmp_path / "images" / "metadata.jsonl", "a") as handle:
+        handle.write(json.dumps({"file_name": "img99.png", "text": "picture 99"}) + "\n")
+    code = run_precompute(tiny_models, tmp_path / "cache", "--dtype", "fp32", "--aspect_buckets", "--flip_variants",
+                          "--samples_per_shard", "3", "--holdout_samples", "2", "--batch_size", "4", "--update",
+                          source=["--train_data_dir", str(tmp_path / "images")])
+    assert code == 0
+    manifest = fmt.Manifest.from_dict(json.loads((tmp_path / "cache" / fmt.MANIFEST_NAME).read_text()))
+    by_key = {}
+    for entry in manifest.shards:
+        index = json.loads((tmp_path / "cache" / entry.index.name).read_text())
+        by_key.update(zip(index["keys"], entry.buckets))
+    samples = read_cache(tmp_path / "cache", split=None)
+    assert len(samples) == len(SIZES) + 1 and len(by_key) == len(samples)
+    for sample in samples:
+        assert by_key[sample["__key__"]] == sample[fmt.META]["bucket"] and fmt.LATENTS_FLIP in sample

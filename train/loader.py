@@ -76,16 +76,20 @@ def micro_batches_per_epoch(source: CacheSource, *, seed: int, world_size: int, 
     shards = usable_shards(source.train, keep)
     return EpochOrder([s.count for s in shards], seed=seed, window=1, world_size=world_size, batch_size=batch_size,
                       keep=None if keep is None else [keep[s.url] for s in shards],
-                      buckets=record_buckets(shards) if aspect_buckets and has_buckets(source) else None
+                      buckets=record_buckets(shards, source.manifest.shapes) if aspect_buckets and has_buckets(source)
+                      else None
                       ).batches_per_epoch
 
 
-def record_buckets(shards: list[Shard]) -> list[np.ndarray]:
-    """Each shard's records' aspect-ratio buckets [count] (its manifest entry's `buckets`); ValueError without."""
-    missing = [s.entry.name for s in shards if s.entry.buckets is None or len(s.entry.buckets) != s.count]
-    if missing:
-        raise ValueError(f"the manifest gives no aspect-ratio bucket for the records of {missing[0]} (and "
-                         f"{len(missing) - 1} more shards): re-run precompute")
+def record_buckets(shards: list[Shard], shapes: fmt.Shapes) -> list[np.ndarray]:
+    """Each shard's records' aspect-ratio buckets [count] (its manifest entry's `buckets`, indices into
+    `shapes.buckets`); ValueError when a shard's list is missing, of another length or out of range."""
+    known = len(shapes.buckets or ())
+    bad = [s.entry.name for s in shards if s.entry.buckets is None or len(s.entry.buckets) != s.count
+           or not all(0 <= b < known for b in s.entry.buckets)]
+    if bad:
+        raise ValueError(f"the manifest's aspect-ratio buckets of the records of {bad[0]} (and {len(bad) - 1} more "
+                         f"shards) are missing or not among its {known} shapes.buckets: re-run precompute")
     return [np.asarray(s.entry.buckets, dtype=np.int64) for s in shards]
 
 
@@ -129,7 +133,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         self.order = EpochOrder([s.count for s in shards], seed=seed, window=shuffle_buffer, world_size=world_size,
                                 batch_size=batch_size, chunk_batches=bucketing[0] if bucketing else 1,
                                 keep=None if keep is None else [keep[s.url] for s in shards],
-                                buckets=record_buckets(shards) if aspect_buckets else None)
+                                buckets=record_buckets(shards, spec.shapes) if aspect_buckets else None)
         self.state = state or {}
         self.start = Position(*self.state.get("position", (0, 0, 0)))
 
