@@ -220,3 +220,13 @@ def test_update_keeps_buckets_and_flips_of_copied_records(variant_cache, tiny_mo
     assert len(samples) == len(SIZES) + 1 and len(by_key) == len(samples)
     for sample in samples:
         assert by_key[sample["__key__"]] == sample[fmt.META]["bucket"] and fmt.LATENTS_FLIP in sample
+
+
+def test_the_decoder_refuses_buckets_its_models_cannot_train():
+    from train.decoder import bucket_problems
+
+    good = make_buckets(RESOLUTION, 16, 4, 8)
+    assert bucket_problems(good, 8, 2) == []
+    assert bucket_problems(good, 8, 4) != []  # a UNet that halves latents twice needs sides of 32 px multiples
+    wrong = (fmt.Bucket(48, 96, (4, 12, 6)),)  # latents transposed
+    assert "expected [4, 6, 12]" in bucket_problems(wrong, 8, 2)[0]
