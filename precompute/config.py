@@ -96,6 +96,21 @@ class PrecomputeConfig:
         metadata={"help": "Decoder training resolution: images are center-cropped to square and resized "
                   "(bicubic) to this size before MoVQ encoding; latents are resolution/8 square."},
     )
+    aspect_buckets: bool = field(
+        default=False,
+        metadata={"help": "Encode each image's latents in the aspect-ratio bucket nearest its own aspect ratio instead "
+                  "of a square centre crop: buckets of about --resolution x --resolution pixels, sides multiples of "
+                  "MoVQ's x the UNet's downsampling (64 for Kandinsky 2.2 at 512: 704x384 ... 512x512 ... 384x704, "
+                  "sides at most 2:1; the list is in the manifest). Cropped to the bucket's aspect around the "
+                  "centre, then resized. The CLIP image embedding keeps the reference preprocessing. The decoder "
+                  "trainer batches samples of one bucket at a time."},
+    )
+    flip_variants: bool = field(
+        default=False,
+        metadata={"help": "Also store, per image, the horizontally mirrored image's image_embeds and latents "
+                  "(members image_embeds_flip.npy, latents_flip.npy: about twice the image members' bytes and "
+                  "encoding time), so that the trainers' --random_flip can pick one of the two per sample and epoch."},
+    )
     dtype: Literal["fp16", "fp32"] = field(
         default="fp16",
         metadata={"help": "Storage dtype of the cached arrays (.npy). A value that overflows fp16 skips that "
@@ -173,6 +188,8 @@ class PrecomputeConfig:
         if self.update and self.dataset_name:
             raise ValueError("--update needs inputs with a stable identity: rows of --dataset_name have none; "
                              "use --overwrite to encode it again, or give --train_data_dir / --input_shards")
+        if self.aspect_buckets and self.encode == "prior":
+            raise ValueError("--aspect_buckets shapes the decoder's latents: use --encode decoder or all")
         if self.update and self.overwrite:
             raise ValueError("--update keeps what is still valid, --overwrite deletes everything: pass one of them")
 

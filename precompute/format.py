@@ -17,7 +17,7 @@ import numpy as np
 from .npy import FormatError, decode_array, encode_array  # noqa: F401 - part of the format's API
 
 FORMAT = "kandinsky22-embedding-cache"
-VERSION = 2  # 2: per-shard index files (record offsets + sha256), see precompute/shard_index.py
+VERSION = 3  # 2: per-shard index files (record offsets + sha256); 3: aspect-ratio buckets, flip variants
 MANIFEST_NAME = "manifest.json"
 REPORT_DIR = "report"  # one JSON-lines file per unit with something to report (see `report_name`)
 
@@ -27,13 +27,18 @@ TEXT_EMBEDS = "text_embeds.npy"  # [C, E] CLIP text projection (pooled), one row
 TEXT_HIDDEN = "text_hidden.npy"  # [sum(L_i), H] last_hidden_state, padding trimmed, captions concatenated
 TEXT_LENGTHS = "text_lengths.npy"  # [C] int32: L_i = number of real tokens (attention-mask sum)
 IMAGE_EMBEDS = "image_embeds.npy"  # [E] CLIP vision image_embeds, raw (not clip_mean/clip_std-normalised)
-LATENTS = "latents.npy"  # [4, r/8, r/8] movq.encode(x).latents, unquantised, no scaling factor
+LATENTS = "latents.npy"  # [4, h/8, w/8] movq.encode(x).latents, unquantised, no scaling factor (h = w = r unbucketed)
+# The horizontally mirrored image's encodings (--flip_variants): same shapes as the originals'.
+IMAGE_EMBEDS_FLIP = "image_embeds_flip.npy"  # [E]
+LATENTS_FLIP = "latents_flip.npy"  # [4, h/8, w/8]
+FLIP = "flip"  # the variant's name in Manifest.variants
+FLIP_MEMBERS = {IMAGE_EMBEDS: IMAGE_EMBEDS_FLIP, LATENTS: LATENTS_FLIP}  # member -> its flipped variant
 META = "json"  # {"key", "source", "width", "height", "image_sha256", ...}: see docs/cache-format.md
 INPUT_JSON = "input_json"  # META field holding an input tar sample's own .json (img2dataset: url, sha256, ...)
 
 PRIOR_MEMBERS = (CAPTIONS, TEXT_EMBEDS, TEXT_HIDDEN, TEXT_LENGTHS, IMAGE_EMBEDS)
 DECODER_MEMBERS = (IMAGE_EMBEDS, LATENTS)
-ARRAY_MEMBERS = (TEXT_EMBEDS, TEXT_HIDDEN, TEXT_LENGTHS, IMAGE_EMBEDS, LATENTS)
+ARRAY_MEMBERS = (TEXT_EMBEDS, TEXT_HIDDEN, TEXT_LENGTHS, IMAGE_EMBEDS, LATENTS, IMAGE_EMBEDS_FLIP, LATENTS_FLIP)
 LENGTH_DTYPE = np.int32
 FLOAT_DTYPES = {"fp16": np.float16, "fp32": np.float32}
 
@@ -88,6 +93,14 @@ def make_record(key: str, captions: list[str], meta: dict, arrays: dict[str, np.
             raise OverflowError(f"{name} overflows {np.dtype(store).name} (max |x| = {peak:.4g})")
         record[name] = encode_array(stored)
     return record
+
+
+def variant_members(members: tuple[str, ...], variants: tuple[str, ...]) -> tuple[str, ...]:
+    """`members` plus the flipped variants of those that have one, when `variants` holds FLIP (shard order)."""
+    if FLIP not in variants:
+        return members
+    flipped = tuple(FLIP_MEMBERS[m] for m in members if m in FLIP_MEMBERS)
+    return members[:-1] + flipped + members[-1:] if members and members[-1] == META else members + flipped
 
 
 def decode_member(name: str, data: bytes) -> Any:
@@ -146,6 +159,11 @@ def _frozen(value: Any, where: str = "") -> Any:
     return tuple(_frozen(item) for item in value) if isinstance(value, list) else value
 
 
+# A field added in version 3 that only some caches use: absent from the JSON while it has its default,
+# so a manifest without buckets or variants reads as before.
+OMITTED = {"omit": True}
+
+
 def _one(cls: type) -> dict:
     return {"parse": cls.from_dict}
 
@@ -158,6 +176,10 @@ def _many(cls: type) -> dict:
     return {"parse": lambda items, where: tuple(cls.from_dict(item, where) for item in items)}
 
 
+def _optional_many(cls: type) -> dict:
+    return {"parse": lambda items, where: None if items is None else tuple(cls.from_dict(i, where) for i in items)}
+
+
 def _named(cls: type) -> dict:
     return {"parse": lambda items, where: {key: cls.from_dict(item, f"{where}{key}.") for key, item in items.items()}}
 
@@ -166,8 +188,9 @@ class _Record:
     """One JSON object: a dataclass field per key (`metadata`: "key" renames it, "parse" builds it)."""
 
     def to_dict(self) -> dict:
-        """The JSON object, keys in manifest.json order."""
-        return {f.metadata.get("key", f.name): _json(getattr(self, f.name)) for f in fields(self)}
+        """The JSON object, keys in manifest.json order; an `OMITTED` field is left out while it has its default."""
+        return {f.metadata.get("key", f.name): _json(getattr(self, f.name)) for f in fields(self)
+                if not (f.metadata.get("omit") and getattr(self, f.name) == f.default)}
 
     @classmethod
     def from_dict(cls, data: Mapping, where: str = ""):
@@ -202,6 +225,8 @@ class ShardEntry(_Record):
     bytes: int
     sha256: str
     index: IndexEntry = field(metadata=_one(IndexEntry))
+    # With aspect-ratio buckets: each record's bucket (an index into `Shapes.buckets`), in record order.
+    buckets: tuple[int, ...] | None = field(default=None, metadata={**OMITTED, "parse": _frozen})
 
 
 SKIP_KINDS = ("image", "tar", "entry")  # an image not encoded; a tar (or its end) unreadable; anything else
@@ -230,14 +255,36 @@ class Skip(_Record):
 
 
 @dataclass(frozen=True)
+class Bucket(_Record):
+    """An aspect-ratio bucket (precompute --aspect_buckets): image size in pixels and its latents' shape."""
+
+    height: int
+    width: int
+    latents: tuple[int, int, int]  # [4, height/8, width/8]
+
+
+@dataclass(frozen=True)
 class Shapes(_Record):
-    """Array sizes; the text fields are None without text members, latents/resolution without MoVQ."""
+    """Array sizes; the text fields are None without text members, latents/resolution without MoVQ.
+
+    With aspect-ratio buckets, `latents` is the square bucket's shape and `buckets` lists every bucket;
+    a record's latents have the shape of its own bucket (`ShardEntry.buckets`).
+    """
 
     embedding_dim: int  # E
     max_length: int | None  # T = tokenizer.model_max_length (77 for CLIP): the reference pads to it
     text_hidden_size: int | None  # H
     latents: tuple[int, int, int] | None  # [4, r/8, r/8]
     resolution: int | None  # r
+    buckets: tuple[Bucket, ...] | None = field(default=None, metadata={**OMITTED, **_optional_many(Bucket)})
+
+    def latent_shape(self, bucket: int | None = None) -> tuple[int, ...] | None:
+        """The latents' shape of a record in `bucket` (None: an unbucketed cache's `latents`)."""
+        if bucket is None or not self.buckets:
+            return tuple(self.latents) if self.latents else None
+        if not 0 <= bucket < len(self.buckets):
+            raise FormatError(f"bucket {bucket} is not one of the manifest's {len(self.buckets)} shapes.buckets")
+        return tuple(self.buckets[bucket].latents)
 
 
 @dataclass(frozen=True)
@@ -345,6 +392,7 @@ class Manifest(_Record):
     reports: tuple[str, ...]  # report files (relative names) of the units with something to report
     unconditional: Unconditional = field(metadata=_one(Unconditional))
     validation_prompts: tuple[PromptEncoding, ...] = field(metadata=_many(PromptEncoding))
+    variants: tuple[str, ...] = field(default=(), metadata=OMITTED)  # ("flip",): records hold FLIP_MEMBERS too
 
     @classmethod
     def from_dict(cls, data: Mapping, where: str = "") -> Manifest:

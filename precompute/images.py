@@ -170,23 +170,35 @@ def load_image(data: bytes, min_size: int, max_pixels: int = DEFAULT_MAX_IMAGE_P
         raise BadImage(f"unconvertible: mode {image.mode}: {exc}") from exc
 
 
-def center_crop(image: Image.Image) -> Image.Image:
-    """The reference's square center crop, float box coordinates included (Pillow rounds them)."""
+def center_crop(image: Image.Image, aspect: float = 1.0) -> Image.Image:
+    """The largest centred box of `aspect` (width / height) in the image, float box coordinates as the
+    reference's square center crop (aspect 1 gives its exact box); Pillow rounds them."""
     width, height = image.size
-    new_size = min(width, height)
-    left = (width - new_size) / 2
-    top = (height - new_size) / 2
-    right = (width + new_size) / 2
-    bottom = (height + new_size) / 2
+    if width >= height * aspect:  # too wide: keep the full height
+        new_width, new_height = height * aspect, height
+    else:
+        new_width, new_height = width, width / aspect
+    left = (width - new_width) / 2
+    top = (height - new_height) / 2
+    right = (width + new_width) / 2
+    bottom = (height + new_height) / 2
     return image.crop((left, top, right, bottom))
 
 
-def decoder_transform(image: Image.Image, resolution: int) -> torch.Tensor:
+def mirror(image: Image.Image) -> Image.Image:
+    """The image flipped horizontally (left <-> right), exactly: a pixel permutation."""
+    return ImageOps.mirror(image)
+
+
+def decoder_transform(image: Image.Image, resolution: int, size: tuple[int, int] | None = None) -> torch.Tensor:
     """MoVQ input as the reference decoder script builds it: crop, bicubic resize, scale to [-1, 1].
 
-    Cropping before resizing also keeps very elongated images from allocating huge intermediates.
+    `size` (height, width): an aspect-ratio bucket instead of the square `resolution` (resize to cover
+    + centre crop, done as crop to the bucket's aspect, then resize). Cropping before resizing also
+    keeps very elongated images from allocating huge intermediates.
     """
-    image = center_crop(image)
-    image = image.resize((resolution, resolution), resample=Image.BICUBIC, reducing_gap=1)
-    array = np.array(image).astype(np.float32) / 127.5 - 1  # [r, r, 3]
-    return torch.from_numpy(np.transpose(array, [2, 0, 1]))  # [3, r, r]
+    height, width = size or (resolution, resolution)
+    image = center_crop(image, width / height)
+    image = image.resize((width, height), resample=Image.BICUBIC, reducing_gap=1)
+    array = np.array(image).astype(np.float32) / 127.5 - 1  # [h, w, 3]
+    return torch.from_numpy(np.transpose(array, [2, 0, 1]))  # [3, h, w]

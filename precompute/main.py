@@ -23,6 +23,7 @@ from . import encode as enc  # noqa: E402
 from . import format as fmt  # noqa: E402
 from .config import PrecomputeConfig, parse_args  # noqa: E402
 from .lock import JobLost, LockHeld, acquire, checker  # noqa: E402
+from .buckets import model_buckets  # noqa: E402
 from .manifest import build_manifest, check_or_record_run, encoder_identities, load_progress, wipe  # noqa: E402
 from .plan import Plan, assign, make_plan  # noqa: E402
 from .report import summarize  # noqa: E402
@@ -60,17 +61,37 @@ def load_models(config: PrecomputeConfig, device: torch.device) -> enc.Encoders:
         raise UsageError(f"cannot load the encoders: {first}") from exc
 
 
+def encode_by_shape(movq: torch.nn.Module, pixel_values: list[torch.Tensor]) -> list[np.ndarray]:
+    """MoVQ latents of each [3, h, w] input, one forward pass per distinct size (aspect-ratio buckets)."""
+    latents: list[np.ndarray | None] = [None] * len(pixel_values)
+    sizes: dict[tuple, list[int]] = {}
+    for i, pixels in enumerate(pixel_values):
+        sizes.setdefault(tuple(pixels.shape), []).append(i)
+    for rows in sizes.values():
+        out = enc.encode_latents(movq, torch.stack([pixel_values[i] for i in rows])).float().cpu()  # [b, 4, h/8, w/8]
+        for i, lat in zip(rows, out):
+            latents[i] = lat.numpy()
+    return latents
+
+
+def _image_members(per_sample: list[dict], models: enc.Encoders, clip_pixel_values: torch.Tensor,
+                   pixel_values: list[torch.Tensor] | None, names: tuple[str, str]) -> None:
+    image_embeds = enc.encode_image_embeds(models.image_encoder, clip_pixel_values).float().cpu()  # [B, E]
+    for out, row in zip(per_sample, image_embeds):
+        out[names[0]] = row.numpy()
+    if models.movq is not None:
+        for out, lat in zip(per_sample, encode_by_shape(models.movq, pixel_values)):
+            out[names[1]] = lat  # [4, h/8, w/8]
+
+
 def encode_batch(batch: Batch, models: enc.Encoders, config: PrecomputeConfig) -> list[dict[str, np.ndarray]]:
     """Run the encoders on the batch's samples to encode (those not copied); per-sample arrays (float32, CPU)."""
     samples = [s for s in batch.samples if s.copied is None]
     per_sample: list[dict[str, np.ndarray]] = [{} for _ in samples]
-    image_embeds = enc.encode_image_embeds(models.image_encoder, batch.clip_pixel_values).float().cpu()  # [B, E]
-    for out, row in zip(per_sample, image_embeds):
-        out[fmt.IMAGE_EMBEDS] = row.numpy()
-    if models.movq is not None:
-        latents = enc.encode_latents(models.movq, batch.pixel_values).float().cpu()  # [B, 4, r/8, r/8]
-        for out, lat in zip(per_sample, latents):
-            out[fmt.LATENTS] = lat.numpy()
+    _image_members(per_sample, models, batch.clip_pixel_values, batch.pixel_values, (fmt.IMAGE_EMBEDS, fmt.LATENTS))
+    if batch.flip_clip_pixel_values is not None:  # --flip_variants: the mirrored images, encoded alike
+        _image_members(per_sample, models, batch.flip_clip_pixel_values, batch.flip_pixel_values,
+                       (fmt.IMAGE_EMBEDS_FLIP, fmt.LATENTS_FLIP))
     if models.text_encoder is not None:
         captions = [c for sample in samples for c in sample.captions]
         input_ids, mask = enc.tokenize(models.tokenizer, captions)  # [N, T], [N, T]
@@ -84,6 +105,17 @@ def encode_batch(batch: Batch, models: enc.Encoders, config: PrecomputeConfig) -
             out[fmt.TEXT_LENGTHS] = mask[start:stop].sum(1).numpy()  # [C]
             start = stop
     return per_sample
+
+
+def bucket_list(config: PrecomputeConfig, models: enc.Encoders) -> tuple[fmt.Bucket, ...] | None:
+    """The aspect-ratio buckets of --aspect_buckets (precompute/buckets.py), None without; UsageError (one line)."""
+    if not config.aspect_buckets:
+        return None
+    try:
+        return model_buckets(config.resolution, config.pretrained_decoder_model_name_or_path, models.movq.config,
+                             config.cache_dir)
+    except (OSError, ValueError) as exc:
+        raise UsageError(str(exc).strip().splitlines()[0]) from exc
 
 
 def _broadcast(value, state):
@@ -146,14 +178,15 @@ def _run(config: PrecomputeConfig, state, device: torch.device, job: str) -> int
     todo = [u for u in plan.units if u.id not in cache.progress]
     mine = assign(todo, state.process_index, state.num_processes)
     copies = copy_sources(writer.fs, writer.root, cache, stale)
+    buckets = bucket_list(config, models)
     loader = build_stream(config, plan.source, mine, models.image_processor, latents=models.movq is not None,
-                          copies=copies)
+                          copies=copies, buckets=buckets)
     encoded, copied, elapsed = encode_units(config, plan, mine, loader, models, writer, state)
     state.wait_for_everyone()  # every rank's shards are closed and published before the merge
     if state.is_main_process:
         progress = load_progress(writer, plan.units)
         writer.check_job()
-        manifest = build_manifest(config, models, encoder_identities(config, models), progress)
+        manifest = build_manifest(config, models, encoder_identities(config, models), progress, buckets)
         delete_units(writer.fs, writer.root, cache, [uid for uid in stale if uid in cache.progress])
         summarize(manifest, config.output_dir, encoded, copied, elapsed)
     state.wait_for_everyone()
@@ -203,7 +236,7 @@ def _encode_loop(config, by_id, store, loader, models, writer, bar) -> tuple[int
                     continue
             unit[kind] += 1
             unit["records"].append([sample.sid, sample.fp, key, sample.image_sha256])
-            writer.put(sample.unit, sample.split, record)
+            writer.put(sample.unit, sample.split, record, sample.meta.get("bucket"))
         encoded += sum(1 for s in batch.samples if s.copied is None)
         copied += sum(1 for s in batch.samples if s.copied is not None)
         bar.update(len(batch.samples) + sum(1 for _, s in batch.skipped if s.kind == "image"))

@@ -164,9 +164,10 @@ def text_entry(models: enc.Encoders, caption: str, store) -> tuple[tuple, tuple,
 
 
 def encoder_entries(
-    config: PrecomputeConfig, models: enc.Encoders
+    config: PrecomputeConfig, models: enc.Encoders, buckets: tuple[fmt.Bucket, ...] | None = None
 ) -> tuple[fmt.Shapes, fmt.Unconditional, tuple[fmt.PromptEncoding, ...]]:
-    """What the manifest takes from the encoders: shapes, unconditional and validation-prompt encodings."""
+    """What the manifest takes from the encoders: shapes (with the aspect-ratio `buckets`, if any),
+    unconditional and validation-prompt encodings."""
     store = fmt.FLOAT_DTYPES[config.dtype]
     zero = enc.zero_image_embeds(models.image_encoder, models.image_encoder.config.image_size)  # [E]
     text = models.text_encoder is not None
@@ -177,7 +178,7 @@ def encoder_entries(
     shapes = fmt.Shapes(models.image_encoder.config.projection_dim,
                         models.tokenizer.model_max_length if text else None,
                         models.text_encoder.config.hidden_size if text else None,
-                        latents, config.resolution if latents else None)
+                        latents, config.resolution if latents else None, buckets if latents else None)
     unconditional = fmt.Unconditional(fmt.ZeroImage(_rounded(zero, store)),
                                       fmt.TextEncoding(*text_entry(models, "", store)) if text else None)
     prompts = tuple(fmt.PromptEncoding(p, *text_entry(models, p, store))
@@ -192,7 +193,8 @@ def _preprocessing(shapes: fmt.Shapes) -> dict:
                       "text_encoder_attention_mask": False},
         "clip_image_processor": "image_processor subfolder of the prior (see encoders.image_processor)",
         "exif_transpose": True,
-        "decoder": {"crop": "center square", "resize": "bicubic", "reducing_gap": 1,
+        "decoder": {"crop": "center square" if not shapes.buckets else "centre, to the aspect of the record's bucket",
+                    "resize": "bicubic", "reducing_gap": 1,
                     "resolution": shapes.resolution, "range": [-1, 1],
                     "latents": "movq.encode(x).latents, unquantised, no scaling factor"},
     }
@@ -221,11 +223,17 @@ def assemble_manifest(
         format=fmt.FORMAT, version=fmt.VERSION,
         created=created or datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         location=config.output_dir, encode=config.encode, dtype=config.dtype,
-        members=fmt.ENCODE_MEMBERS[config.encode], config=config.to_dict(), encoders=identities,
+        members=fmt.variant_members(fmt.ENCODE_MEMBERS[config.encode], variants(config)), config=config.to_dict(),
+        encoders=identities,
         preprocessing=_preprocessing(shapes), shapes=shapes, units=tuple(unit["unit"] for unit in progress),
         shards=shards, totals=totals, reports=tuple(unit["report"] for unit in progress if unit.get("report")),
-        unconditional=unconditional, validation_prompts=prompts,
+        unconditional=unconditional, validation_prompts=prompts, variants=variants(config),
     )
+
+
+def variants(config: PrecomputeConfig) -> tuple[str, ...]:
+    """The image variants every record holds besides the original (`Manifest.variants`)."""
+    return (fmt.FLIP,) if config.flip_variants else ()
 
 
 def write_manifest(output_dir: str, manifest: fmt.Manifest) -> None:
@@ -237,9 +245,10 @@ def write_manifest(output_dir: str, manifest: fmt.Manifest) -> None:
 
 
 def build_manifest(
-    config: PrecomputeConfig, models: enc.Encoders, identities: dict[str, fmt.EncoderIdentity], progress: list[dict]
+    config: PrecomputeConfig, models: enc.Encoders, identities: dict[str, fmt.EncoderIdentity], progress: list[dict],
+    buckets: tuple[fmt.Bucket, ...] | None = None,
 ) -> fmt.Manifest:
     """Merge the published units into manifest.json (written atomically) and return it."""
-    manifest = assemble_manifest(config, identities, encoder_entries(config, models), progress)
+    manifest = assemble_manifest(config, identities, encoder_entries(config, models, buckets), progress)
     write_manifest(config.output_dir, manifest)
     return manifest

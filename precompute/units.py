@@ -22,7 +22,8 @@ import torch
 from . import encode as enc
 from . import format as fmt
 from .config import PrecomputeConfig
-from .images import BadImage, decoder_transform, load_image
+from .buckets import nearest_bucket
+from .images import BadImage, decoder_transform, load_image, mirror
 from .inputs import BadCaption, RawItem
 from .plan import Unit
 from .shard_index import ShardIndex, index_name, read_records
@@ -50,7 +51,9 @@ class Sample:
 class Batch:
     """What the stream hands the encoding loop: samples in unit order, report entries, units complete.
 
-    `clip_pixel_values` / `pixel_values` hold the samples to encode (those without `copied`), in order.
+    `clip_pixel_values` / `pixel_values` hold the samples to encode (those without `copied`), in order;
+    `flip_*` the same for their mirrored images (--flip_variants), else None. `pixel_values` is a list:
+    with aspect-ratio buckets the samples' sizes differ.
     `ended` names the units whose last sample (if any) is in this batch or an earlier one: the loop
     publishes them after writing this batch. `fatal` is a refusal met while reading (an interleaved
     tar): the job stops with it.
@@ -58,11 +61,13 @@ class Batch:
 
     samples: list[Sample]
     clip_pixel_values: torch.Tensor | None  # [B, 3, 224, 224] CLIP input; None when nothing to encode
-    pixel_values: torch.Tensor | None  # [B, 3, r, r] in [-1, 1] for MoVQ; None when nothing to encode or no MoVQ
+    pixel_values: list[torch.Tensor] | None  # B x [3, h, w] in [-1, 1] for MoVQ; None when nothing to encode or no MoVQ
     skipped: list[tuple[str, fmt.Skip]]  # (unit, report entry)
     skipped_inputs: list[tuple[str, list]]  # (unit, [sid, fp, None, image sha256]) of each skipped image
     ended: list[str]
     fatal: str | None = None
+    flip_clip_pixel_values: torch.Tensor | None = None  # [B, 3, 224, 224] of the mirrored images
+    flip_pixel_values: list[torch.Tensor] | None = None  # B x [3, h, w] of the mirrored images
 
 
 @dataclass
@@ -71,7 +76,9 @@ class Prepared:
 
     sample: Sample
     image: Any = None  # RGB PIL image for the CLIP processor (None when copied)
-    pixel_values: torch.Tensor | None = None  # [3, r, r] in [-1, 1] for MoVQ, or None
+    pixel_values: torch.Tensor | None = None  # [3, h, w] in [-1, 1] for MoVQ, or None
+    flipped: Any = None  # the mirrored image (--flip_variants), else None
+    flip_pixel_values: torch.Tensor | None = None  # its [3, h, w] MoVQ input
 
 
 def image_sha256(item: RawItem) -> str | None:
@@ -84,19 +91,29 @@ def image_sha256(item: RawItem) -> str | None:
 COPY_BYTES = 32 << 20
 
 
-def prepare(item: RawItem, unit: str, split: str, resolution: int | None, min_size: int, max_pixels: int
-            ) -> Prepared:
-    """Decode and preprocess one raw item; raises BadImage/BadCaption for a sample to skip."""
+def prepare(item: RawItem, unit: str, split: str, resolution: int | None, min_size: int, max_pixels: int,
+            buckets: tuple[fmt.Bucket, ...] | None = None, flip: bool = False) -> Prepared:
+    """Decode and preprocess one raw item; raises BadImage/BadCaption for a sample to skip.
+
+    `buckets`: encode the latents at the aspect-ratio bucket nearest the image's (its index goes in the
+    record's json as `bucket`); `flip`: also preprocess the mirrored image.
+    """
     if item.error:
         raise BadImage(item.error)
     if item.captions is None:  # only an input opened without a caption column
         raise BadCaption("missing caption")
     image = load_image(item.image or b"", min_size=min_size, max_pixels=max_pixels)
-    pixel_values = decoder_transform(image, resolution) if resolution else None  # [3, r, r]
+    bucket = nearest_bucket(image.width, image.height, buckets) if buckets and resolution else None
+    size = None if bucket is None else (buckets[bucket].height, buckets[bucket].width)
+    pixel_values = decoder_transform(image, resolution, size) if resolution else None  # [3, h, w]
+    flipped = mirror(image) if flip else None
+    flip_pixels = decoder_transform(flipped, resolution, size) if flip and resolution else None  # [3, h, w]
     digest = image_sha256(item)
     meta = {**item.meta, "width": image.width, "height": image.height, "image_sha256": digest}
+    if bucket is not None:
+        meta["bucket"] = bucket
     sample = Sample(unit, item.sid, item.fp, item.source, item.member, split, item.captions, meta, digest)
-    return Prepared(sample, image, pixel_values)
+    return Prepared(sample, image, pixel_values, flipped, flip_pixels)
 
 
 class UnitStream(torch.utils.data.IterableDataset):
@@ -104,11 +121,12 @@ class UnitStream(torch.utils.data.IterableDataset):
 
     def __init__(self, units: Sequence[Unit], source: Any | None, config: PrecomputeConfig,
                  clip_preprocess: Callable[[list], torch.Tensor], resolution: int | None,
-                 copies: dict[str, CopySource] | None = None) -> None:
+                 copies: dict[str, CopySource] | None = None, buckets: tuple[fmt.Bucket, ...] | None = None) -> None:
         self.units, self.source, self.clip_preprocess = list(units), source, clip_preprocess
         self.caption_column, self.batch_size = config.caption_column, config.batch_size
         self.resolution, self.min_size, self.max_pixels = resolution, config.min_image_size, config.max_image_pixels
         self.output_dir, self.copies = config.output_dir, copies or {}
+        self.buckets, self.flip = buckets, config.flip_variants
         self._open: tuple[str, Any, ShardIndex] | None = None
 
     def _items(self, unit: Unit) -> Iterator[RawItem | fmt.Skip | Sample]:
@@ -147,8 +165,12 @@ class UnitStream(torch.utils.data.IterableDataset):
     def _batch(self, ready: list[Prepared], skipped: list, inputs: list, ended: list[str]) -> Batch:
         todo = [p for p in ready if p.sample.copied is None]
         clip = self.clip_preprocess([p.image for p in todo]) if todo else None  # [B, 3, 224, 224]
-        pixels = torch.stack([p.pixel_values for p in todo]) if todo and self.resolution else None
-        return Batch([p.sample for p in ready], clip, pixels, skipped, inputs, ended)
+        pixels = [p.pixel_values for p in todo] if todo and self.resolution else None
+        batch = Batch([p.sample for p in ready], clip, pixels, skipped, inputs, ended)
+        if self.flip and todo:
+            batch.flip_clip_pixel_values = self.clip_preprocess([p.flipped for p in todo])  # [B, 3, 224, 224]
+            batch.flip_pixel_values = [p.flip_pixel_values for p in todo] if self.resolution else None
+        return batch
 
     def _take(self, unit: Unit, item: RawItem | fmt.Skip | Sample, skipped: list, inputs: list) -> Prepared | None:
         """One item of `unit` for the pending batch: a copied record or a decoded image (None: reported instead)."""
@@ -161,7 +183,8 @@ class UnitStream(torch.utils.data.IterableDataset):
         try:
             if old is not None and old.fp == item.fp and item.error is None:
                 return Prepared(self._copied(unit, item.sid, item.fp, old))
-            return prepare(item, unit.id, unit.split, self.resolution, self.min_size, self.max_pixels)
+            return prepare(item, unit.id, unit.split, self.resolution, self.min_size, self.max_pixels,
+                           self.buckets, self.flip)
         except (BadImage, BadCaption) as exc:
             skipped.append((unit.id, fmt.Skip("image", item.source, item.member, str(exc))))
             inputs.append((unit.id, [item.sid, item.fp, None, image_sha256(item)]))
@@ -202,16 +225,17 @@ def collate_identity(batch: Batch) -> Batch:
 
 def build_stream(
     config: PrecomputeConfig, source: Any | None, units: Sequence[Unit], image_processor: Any, *, latents: bool,
-    copies: dict[str, CopySource] | None = None,
+    copies: dict[str, CopySource] | None = None, buckets: tuple[fmt.Bucket, ...] | None = None,
 ) -> torch.utils.data.DataLoader:
     """The stream precompute encodes: `Batch`es of `units`, read and preprocessed in `config.num_workers` workers.
 
     `source` is the map-style input (None for input tars), `image_processor` the prior's
     CLIPImageProcessor; `latents` also builds the MoVQ input at `config.resolution`; `copies` maps
-    the ids of unchanged inputs to their records in the old cache (--update).
+    the ids of unchanged inputs to their records in the old cache (--update); `buckets` the
+    aspect-ratio buckets of the latents (--aspect_buckets, precompute/buckets.py).
     """
     stream = UnitStream(units, source, config,
                         functools.partial(enc.clip_pixel_values, image_processor),  # picklable for spawned workers
-                        config.resolution if latents else None, copies)
+                        config.resolution if latents else None, copies, buckets)
     return torch.utils.data.DataLoader(stream, batch_size=None, num_workers=min(config.num_workers, len(units)),
                                        collate_fn=collate_identity)

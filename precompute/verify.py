@@ -9,7 +9,9 @@ The reader side of the cache's integrity chain (docs/cache-format.md, "What a re
 4. each decoded record against the manifest: every needed member present, the exact dtype (the
    manifest's storage dtype for float members, int32 for `text_lengths`), the shapes of
    `manifest.shapes` (`text_lengths` [C] in 1..max_length summing to the rows of `text_hidden`
-   [ΣL, H], `text_embeds` [C, E], C captions), and only finite values (`RecordSpec.check`).
+   [ΣL, H], `text_embeds` [C, E], C captions; `latents` and `latents_flip` of the record's
+   aspect-ratio bucket, from its shard entry's `buckets`, when the cache has buckets), and only
+   finite values (`RecordSpec.problem`).
 
 `RecordReader` runs 3 and 4 for the records a reader asks for, by byte range, and hands every
 failure (a `CorruptRecord` naming the shard URL and the sample key, or a `CorruptShard`) to the
@@ -57,8 +59,11 @@ class RecordSpec:
         """The spec of `manifest`'s records, for a reader that needs `members`."""
         return cls(tuple(members), manifest.store_dtype, manifest.shapes)
 
-    def problem(self, sample: dict[str, Any]) -> str | None:
-        """What is wrong with a decoded sample (member name -> array / list), or None if nothing is."""
+    def problem(self, sample: dict[str, Any], bucket: int | None = None) -> str | None:
+        """What is wrong with a decoded sample (member name -> array / list), or None if nothing is.
+
+        `bucket`: the record's aspect-ratio bucket (its shard entry's `buckets`), whose latents' shape it must have.
+        """
         missing = [m for m in self.members if m not in sample]
         if missing:
             return f"the record lacks {', '.join(missing)}"
@@ -68,14 +73,15 @@ class RecordSpec:
                 want = np.dtype(fmt.LENGTH_DTYPE) if name == fmt.TEXT_LENGTHS else self.store_dtype
                 if array.dtype != want:
                     return f"{name} has dtype {array.dtype.str}, the manifest promises {want.str}"
-        return self._shape_problem(sample) or self._value_problem(sample)
+        return self._shape_problem(sample, bucket) or self._value_problem(sample)
 
-    def _shape_problem(self, sample: dict[str, Any]) -> str | None:
+    def _shape_problem(self, sample: dict[str, Any], bucket: int | None) -> str | None:
         shapes, found = self.shapes, {name: sample[name].shape for name in fmt.ARRAY_MEMBERS if name in sample}
         lengths = sample.get(fmt.TEXT_LENGTHS)
         captions = len(lengths) if lengths is not None and lengths.ndim == 1 else None
-        expected = {fmt.IMAGE_EMBEDS: (shapes.embedding_dim,),
-                    fmt.LATENTS: tuple(shapes.latents) if shapes.latents else None,
+        latents = shapes.latent_shape(bucket)
+        expected = {fmt.IMAGE_EMBEDS: (shapes.embedding_dim,), fmt.IMAGE_EMBEDS_FLIP: (shapes.embedding_dim,),
+                    fmt.LATENTS: latents, fmt.LATENTS_FLIP: latents,
                     fmt.TEXT_LENGTHS: (captions,) if captions else None,
                     fmt.TEXT_EMBEDS: (captions, shapes.embedding_dim) if captions else None,
                     fmt.TEXT_HIDDEN: (int(lengths.sum()), shapes.text_hidden_size) if captions else None}
@@ -84,7 +90,8 @@ class RecordSpec:
             if want is None and name in (fmt.TEXT_LENGTHS, fmt.TEXT_EMBEDS, fmt.TEXT_HIDDEN):
                 return f"{name} has shape {list(shape)} but text_lengths is not a non-empty [C] array"
             if want is not None and shape != want:
-                return f"{name} has shape {list(shape)}, expected {list(want)} (the manifest's shapes)"
+                where = "" if bucket is None else f" of bucket {bucket}"
+                return f"{name} has shape {list(shape)}, expected {list(want)} (the manifest's shapes{where})"
         if fmt.CAPTIONS in sample and captions is not None:
             text = sample[fmt.CAPTIONS]
             if not isinstance(text, list) or len(text) != captions or not all(isinstance(c, str) for c in text):
@@ -181,9 +188,10 @@ class RecordReader:
             return
         with fsspec.open(url, "rb") as handle:
             for i in positions:
-                yield i, self._record(handle, index, url, i)
+                yield i, self._record(handle, index, url, i, None if entry.buckets is None else entry.buckets[i])
 
-    def _record(self, handle, index: ShardIndex, url: str, i: int) -> dict[str, Any] | fmt.FormatError:
+    def _record(self, handle, index: ShardIndex, url: str, i: int, bucket: int | None
+                ) -> dict[str, Any] | fmt.FormatError:
         key, offset, size = index.keys[i], index.offsets[i], index.sizes[i]
         try:
             if handle.tell() != offset:
@@ -195,7 +203,7 @@ class RecordReader:
             sample = {"__key__": key, "__url__": url,
                       **decode_members(parse_record(blob, key, url), self.spec.members)}
             started = time.perf_counter()
-            problem = self.spec.problem(sample)
+            problem = self.spec.problem(sample, bucket)
             self.verify_seconds += time.perf_counter() - started
             if problem:
                 raise CorruptRecord(url, key, problem)

@@ -129,6 +129,7 @@ class UnitState:
     sinks: dict[str, ShardSink] = field(default_factory=dict)  # the file each split's current shard goes to
     shards: list[dict] = field(default_factory=list)
     samples: int = 0
+    buckets: dict[str, list] = field(default_factory=dict)  # each split's current shard: its records' buckets
 
 
 class CacheWriter:
@@ -154,10 +155,13 @@ class CacheWriter:
         self.thread.start()
 
     # -- compute-thread side -------------------------------------------------------------------
-    def put(self, unit: str, split: str, record: dict[str, Any]) -> None:
-        """Queue one record for the unit's shard of `split`; raises if the writer thread failed."""
+    def put(self, unit: str, split: str, record: dict[str, Any], bucket: int | None = None) -> None:
+        """Queue one record for the unit's shard of `split`; raises if the writer thread failed.
+
+        `bucket`: the record's aspect-ratio bucket (listed in its shard's manifest entry), None without buckets.
+        """
         self._raise_if_failed()
-        self.queue.put(("record", unit, split, record))
+        self.queue.put(("record", unit, split, (record, bucket)))
 
     def end_unit(self, unit: str, skips: list[Skip], progress: dict | None = None) -> None:
         """Queue the unit's publication: close and rename its shards, write its report and progress record.
@@ -194,7 +198,7 @@ class CacheWriter:
             try:
                 kind, unit, a, b = item
                 if kind == "record":
-                    self._write(unit, a, b)
+                    self._write(unit, a, *b)
                 else:
                     self._publish(unit, a, b)
             except BaseException as exc:  # noqa: BLE001 - surfaced to the compute thread
@@ -222,8 +226,10 @@ class CacheWriter:
             with self.fs.open(self.path(index_name(name)), "wb") as out:
                 out.write(index)
             self.fs.mv(fname, self.path(name))
+            buckets = state.buckets.pop(split, [])  # ShardWriter closes a shard before writing the next record
             entry = ShardEntry(name, split, writer.count, handle.size, handle.sha256.hexdigest(),
-                               IndexEntry(index_name(name), len(index), sha256_hex(index)))
+                               IndexEntry(index_name(name), len(index), sha256_hex(index)),
+                               tuple(buckets) if any(b is not None for b in buckets) else None)
             state.shards.append(entry.to_dict())
 
         # encoder=False: members are already bytes. mtime=0 (an int) makes the tars reproducible; a float
@@ -234,10 +240,11 @@ class CacheWriter:
         )
         return state.writers[split]
 
-    def _write(self, unit: str, split: str, record: dict[str, Any]) -> None:
+    def _write(self, unit: str, split: str, record: dict[str, Any], bucket: int | None = None) -> None:
         state = self.units.setdefault(unit, UnitState())
         writer = self._writer(state, unit, split)
         writer.write(record)
+        state.buckets.setdefault(split, []).append(bucket)
         state.sinks[split].end_record(record["__key__"], _tar_offset(writer))
         state.samples += 1
 

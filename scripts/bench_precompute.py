@@ -40,7 +40,7 @@ def preprocessed_batches(argv: list[str], models, device: torch.device) -> list[
         input_ids, _ = enc.tokenize(models.tokenizer, captions)  # [N, T]
         batches.append({"images": len(batch.samples), "input_ids": input_ids.to(device),
                         "clip_pixel_values": batch.clip_pixel_values.to(device),
-                        "pixel_values": batch.pixel_values.to(device)})
+                        "pixel_values": torch.stack(batch.pixel_values).to(device)})  # one size: no buckets here
     return batches
 
 

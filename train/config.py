@@ -162,6 +162,14 @@ class TrainConfig:
                   "seeded by --seed (as diffusers' dataset.shuffle(seed).select(range(N))); epochs then count N "
                   "samples. The other samples are not read. Default: all."},
     )
+    random_flip: bool = field(
+        default=False,
+        metadata={"help": "Train each sample, each epoch, on the original or the horizontally flipped image (even "
+                  "odds, drawn from the sample's own RNG after its other draws: the data order and those draws stay "
+                  "as without the flag, and a resume is exact). The cache must hold flip variants (precompute "
+                  "--flip_variants: the mirrored image's image_embeds and latents were encoded), else the job is "
+                  "refused before step 1."},
+    )
     validation_steps: Optional[int] = field(
         default=None,
         metadata={"help": f"Validate every N optimisation steps (and once at the end); 0 disables. Default "

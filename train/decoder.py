@@ -28,7 +28,7 @@ from .export import export_pipeline
 from .lora import (ADDED_KV_TARGETS, ATTENTION_TARGETS, add_lora, export_trainee, folder_load_line,
                    refuse_adapter_folder)
 from .loader import load_validation
-from .objective import ObjectiveBase, refuse_unfit_cache
+from .objective import ObjectiveBase, draw_flip, flip_members, refuse_unfit_cache, refuse_without_flips, variant
 from .paths import check_pipeline
 from .source import CacheSource
 
@@ -75,21 +75,25 @@ def training_loss(
 
 
 class DecoderSampleTransform:
-    """Per sample: with probability `image_dropout`, replace `image_embeds` by the zero-image embedding.
+    """Per sample: with probability `image_dropout`, replace `image_embeds` by the zero-image embedding;
+    with `random_flip`, then draw the image variant (the flipped image's latents and image_embeds, even odds).
 
-    The draw happens for every sample, so the RNG stream never depends on `image_dropout`.
+    The dropout draw happens for every sample, so the RNG stream never depends on `image_dropout`.
     """
 
-    def __init__(self, image_dropout: float = 0.0, zero_image_embeds: np.ndarray | None = None):
+    def __init__(self, image_dropout: float = 0.0, zero_image_embeds: np.ndarray | None = None,
+                 random_flip: bool = False):
         if image_dropout > 0 and zero_image_embeds is None:
             raise ValueError("--image_dropout needs the zero-image embedding of the manifest")
-        self.image_dropout, self.zero_image_embeds = image_dropout, zero_image_embeds
+        self.image_dropout, self.zero_image_embeds, self.random_flip = image_dropout, zero_image_embeds, random_flip
 
     def __call__(self, sample: dict, rng: np.random.Generator) -> dict:
-        image_embeds = sample[fmt.IMAGE_EMBEDS]  # [E]
-        if bool(rng.random() < self.image_dropout):
+        drop = bool(rng.random() < self.image_dropout)
+        flipped = draw_flip(rng, self.random_flip)
+        image_embeds = variant(sample, fmt.IMAGE_EMBEDS, flipped)  # [E]
+        if drop:
             image_embeds = self.zero_image_embeds.astype(image_embeds.dtype)  # [E]
-        return {"image_embeds": image_embeds, "latents": sample[fmt.LATENTS]}
+        return {"image_embeds": image_embeds, "latents": variant(sample, fmt.LATENTS, flipped)}  # [E], [4, h, w]
 
 
 class DecoderCollate:
@@ -127,6 +131,8 @@ def check_manifest(manifest: fmt.Manifest, unet: UNet2DConditionModel, resolutio
         if members_present and shapes.resolution == resolution and latents != expected:
             found.append(f"cached latents have shape {latents}, expected {expected} for resolution "
                          f"{resolution} and this MoVQ (factor {scale_factor})")
+        if members_present and shapes.buckets:
+            found += bucket_problems(shapes.buckets, scale_factor, 2 ** (len(config.block_out_channels) - 1))
         if config.in_channels != LATENT_CHANNELS or config.out_channels < LATENT_CHANNELS:
             found.append(f"the UNet has in/out channels {config.in_channels}/{config.out_channels}, expected "
                          f"{LATENT_CHANNELS}/>={LATENT_CHANNELS}")
@@ -139,6 +145,21 @@ def check_manifest(manifest: fmt.Manifest, unet: UNet2DConditionModel, resolutio
         return found
 
     refuse_unfit_cache(manifest, "decoder", fmt.DECODER_MEMBERS, problems)
+
+
+def bucket_problems(buckets: tuple[fmt.Bucket, ...], scale_factor: int, unet_factor: int) -> list[str]:
+    """What is wrong with a cache's aspect-ratio buckets for this MoVQ (`scale_factor` pixels per latent) and a UNet
+    that downsamples latents `unet_factor` times: each bucket's latents [4, h/f, w/f], divisible by the UNet's."""
+    found = []
+    for b in buckets:
+        expected = [LATENT_CHANNELS, b.height // scale_factor, b.width // scale_factor]
+        if list(b.latents) != expected or b.height % scale_factor or b.width % scale_factor:
+            found.append(f"bucket {b.height}x{b.width} has latents {list(b.latents)}, expected {expected} for this "
+                         f"MoVQ (factor {scale_factor})")
+        elif any(side % unet_factor for side in expected[1:]):
+            found.append(f"bucket {b.height}x{b.width}: latents {expected[1:]} are not divisible by the UNet's "
+                         f"downsampling ({unet_factor})")
+    return found
 
 
 def enable_xformers(unet: UNet2DConditionModel) -> None:
@@ -160,9 +181,11 @@ class DecoderObjective(ObjectiveBase):
     model_class = UNet2DConditionModel
     model_subfolder = UNET_SUBFOLDER
     members = TRAIN_MEMBERS
+    aspect_buckets = True  # latents of one shape per batch (a cache made with --aspect_buckets)
 
     def __init__(self, config: DecoderTrainConfig):
         self.config = config
+        self.members = flip_members(TRAIN_MEMBERS, config.random_flip)
         self.noise_scheduler: DDPMScheduler | None = None  # loaded in setup, where a bad path is refused
         self.zero_image_embeds: np.ndarray | None = None
         self.validation = None
@@ -190,6 +213,7 @@ class DecoderObjective(ObjectiveBase):
     def check_manifest(self, manifest: fmt.Manifest, model: UNet2DConditionModel) -> None:
         scale = movq_scale_factor(self.config.pretrained_decoder_model_name_or_path, self.config.cache_dir)
         check_manifest(manifest, model, self.config.resolution, scale)
+        refuse_without_flips(manifest, self.config.random_flip)
 
     def frozen_parts(self) -> dict[str, tuple[str, str]]:
         """The MoVQ the export bundles, and the image encoder of the prior its card names (whose embeddings
@@ -213,13 +237,13 @@ class DecoderObjective(ObjectiveBase):
         return model
 
     def sample_transform(self) -> DecoderSampleTransform:
-        return DecoderSampleTransform(self.config.image_dropout, self.zero_image_embeds)
+        return DecoderSampleTransform(self.config.image_dropout, self.zero_image_embeds, self.config.random_flip)
 
     def collate(self) -> DecoderCollate:
         return DecoderCollate()
 
     def bucketing(self) -> None:
-        """Plain random batches: every decoder sample has the same shape."""
+        """No length bucketing (captions are not used); aspect-ratio buckets come from the cache (train/order.py)."""
         return None
 
     def loss(self, module: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -28,7 +28,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 from diffusers import DDPMScheduler, PriorTransformer, UnCLIPScheduler
-from PIL import Image
+from PIL import Image, ImageOps
 
 from precompute import format as fmt
 from precompute import reader
@@ -75,6 +75,20 @@ def prompt_image_embeds(prior_path: str, manifest: fmt.Manifest, prompts: list[d
     return embeds.float().cpu()
 
 
+def letterbox(image: Image.Image, size: int) -> Image.Image:
+    """A bucket's image (aspect-ratio buckets) fitted, whole, into the grid's `size` x `size` cell; a square one as it is."""
+    return image if image.size == (size, size) else ImageOps.pad(image, (size, size))
+
+
+def same_shape_chunks(shapes: list[tuple], size: int) -> list[list[int]]:
+    """Indices of `shapes`, in order within each shape, cut into chunks of at most `size` of one shape
+    (consecutive chunks of `size` when all shapes are equal, as before aspect-ratio buckets)."""
+    groups: dict[tuple, list[int]] = {}
+    for i, shape in enumerate(shapes):
+        groups.setdefault(shape, []).append(i)
+    return [rows[k : k + size] for rows in groups.values() for k in range(0, len(rows), size)]
+
+
 class DecoderValidation:
     """Held-out data and prompt embeddings prepared once; `run` scores with `loss` and renders the grids.
 
@@ -89,13 +103,17 @@ class DecoderValidation:
         self.num_images = min(len(held_out), config.validation_images)
         if not held_out:
             logger.warning("the cache has no validation split: held-out loss and reconstructions are skipped")
-        self.latents = self.image_embeds = None
+        self.latents = self.image_embeds = self.noise = None
         if held_out:
-            self.latents = torch.from_numpy(np.stack([s[fmt.LATENTS] for s in held_out])).float()  # [N, 4, h, w]
+            # one [4, h, w] tensor per sample: with aspect-ratio buckets their shapes differ
+            self.latents = [torch.from_numpy(s[fmt.LATENTS]).float() for s in held_out]
             self.image_embeds = torch.from_numpy(np.stack([s[fmt.IMAGE_EMBEDS] for s in held_out])).float()  # [N, E]
+            generator = torch.Generator().manual_seed(config.seed or 0)  # never the global RNG
+            if len({tuple(x.shape) for x in self.latents}) == 1:  # one draw for all: as before buckets
+                self.noise = list(torch.randn((len(held_out), *self.latents[0].shape), generator=generator))
+            else:
+                self.noise = [torch.randn(x.shape, generator=generator) for x in self.latents]
         self.zero_image_embeds = torch.from_numpy(zero_image_embeds).float()[None]  # [1, E]
-        generator = torch.Generator().manual_seed(config.seed or 0)  # never the global RNG
-        self.noise = None if self.latents is None else torch.randn(self.latents.shape, generator=generator)
         num_train_timesteps = noise_scheduler.config.num_train_timesteps
         self.timesteps = torch.linspace(0, num_train_timesteps - 1, max(self.count, 1)).round().long()  # [n]
         self.parts: DecoderParts | None = None  # scheduler + MoVQ decoder half, loaded at the first render
@@ -131,15 +149,16 @@ class DecoderValidation:
         return metrics
 
     def held_out_loss(self, unet) -> float:
-        """Mean per-sample MSE over the held-out samples, in training-batch-sized chunks."""
+        """Mean per-sample MSE over the held-out samples, in training-batch-sized chunks of one latent shape each."""
         device, total = unet.device, 0.0
         chunk = self.config.train_batch_size
-        for start in range(0, self.count, chunk):
-            sl = slice(start, min(start + chunk, self.count))
-            batch = {"latents": self.latents[sl].to(device), "image_embeds": self.image_embeds[sl].to(device)}
-            loss = self.loss(unet, batch, self.noise_scheduler, noise=self.noise[sl].to(device),
-                             timesteps=self.timesteps[sl].to(device))
-            total += loss.item() * (sl.stop - sl.start)
+        for rows in same_shape_chunks([tuple(x.shape) for x in self.latents[: self.count]], chunk):
+            batch = {"latents": torch.stack([self.latents[i] for i in rows]).to(device),  # [b, 4, h, w]
+                     "image_embeds": self.image_embeds[rows].to(device)}  # [b, E]
+            loss = self.loss(unet, batch, self.noise_scheduler,
+                             noise=torch.stack([self.noise[i] for i in rows]).to(device),
+                             timesteps=self.timesteps[rows].to(device))
+            total += loss.item() * len(rows)
         return total / self.count
 
     def _parts(self, device: torch.device) -> DecoderParts:
@@ -167,7 +186,11 @@ class DecoderValidation:
         n = self.num_images
         generated = self._render(unet, self.image_embeds[:n])
         if self.ground_truth is None:
-            self.ground_truth = decode_latents(self._parts(unet.device).movq, self.latents[:n].to(unet.device))
+            self.ground_truth = [None] * n
+            for rows in same_shape_chunks([tuple(x.shape) for x in self.latents[:n]], n):  # one decode per shape
+                latents = torch.stack([self.latents[i] for i in rows]).to(unet.device)  # [b, 4, h, w]
+                for i, image in zip(rows, decode_latents(self._parts(unet.device).movq, latents)):
+                    self.ground_truth[i] = letterbox(image, self.config.resolution)
         grid = labelled_grid([generated, self.ground_truth], row_labels=ROW_LABELS).image
         return self._save(grid, "decoder", GRID_TAG, step, accelerator)
 

@@ -51,6 +51,48 @@ def sample_name(url: str, key: str) -> str:
     return f"{posixpath.basename(url)}:{key}"
 
 
+def subset(source: CacheSource, max_samples: int | None, seed: int) -> dict[str, np.ndarray] | None:
+    """--max_train_samples: shard URL -> bool mask [count] of the samples trained on (None: all)."""
+    if max_samples is None:
+        return None
+    masks = sample_subset([s.count for s in source.train], max_samples, seed)
+    return {s.url: mask for s, mask in zip(source.train, masks)}
+
+
+def usable_shards(shards: list[Shard], keep: dict[str, np.ndarray] | None) -> list[Shard]:
+    """The shards that hold samples to train on."""
+    return [s for s in shards if s.count > 0 and (keep is None or keep[s.url].any())]
+
+
+def has_buckets(source: CacheSource) -> bool:
+    """Whether the training shards' records have aspect-ratio buckets (precompute --aspect_buckets)."""
+    return any(s.entry.buckets is not None for s in source.train)
+
+
+def micro_batches_per_epoch(source: CacheSource, *, seed: int, world_size: int, batch_size: int,
+                            max_samples: int | None = None, aspect_buckets: bool = False) -> int:
+    """Micro-batches each process trains per epoch (train/order.py's M), before reading any shard."""
+    keep = subset(source, max_samples, seed)
+    shards = usable_shards(source.train, keep)
+    return EpochOrder([s.count for s in shards], seed=seed, window=1, world_size=world_size, batch_size=batch_size,
+                      keep=None if keep is None else [keep[s.url] for s in shards],
+                      buckets=record_buckets(shards, source.manifest.shapes) if aspect_buckets and has_buckets(source)
+                      else None
+                      ).batches_per_epoch
+
+
+def record_buckets(shards: list[Shard], shapes: fmt.Shapes) -> list[np.ndarray]:
+    """Each shard's records' aspect-ratio buckets [count] (its manifest entry's `buckets`, indices into
+    `shapes.buckets`); ValueError when a shard's list is missing, of another length or out of range."""
+    known = len(shapes.buckets or ())
+    bad = [s.entry.name for s in shards if s.entry.buckets is None or len(s.entry.buckets) != s.count
+           or not all(0 <= b < known for b in s.entry.buckets)]
+    if bad:
+        raise ValueError(f"the manifest's aspect-ratio buckets of the records of {bad[0]} (and {len(bad) - 1} more "
+                         f"shards) are missing or not among its {known} shapes.buckets: re-run precompute")
+    return [np.asarray(s.entry.buckets, dtype=np.int64) for s in shards]
+
+
 def read_chunk(chunk: Chunk, shards: list[Shard], records: RecordReader) -> list[dict | fmt.FormatError]:
     """The chunk's verified samples (or the errors of skipped records), in chunk order.
 
@@ -68,26 +110,30 @@ def read_chunk(chunk: Chunk, shards: list[Shard], records: RecordReader) -> list
 class ShardStream(torch.utils.data.IterableDataset):
     """Endless chunks of batches for one process; DataLoader worker w reads chunks w, w + W, ... from `state`'s position.
 
-    `keep` (shard URL -> bool mask [count]): --max_train_samples, the samples trained on.
+    `keep` (shard URL -> bool mask [count]): --max_train_samples, the samples trained on;
+    `aspect_buckets`: batches hold samples of one aspect-ratio bucket (the shard entries' `buckets`).
     """
 
     def __init__(self, shards: list[Shard], *, seed: int, rank: int, world_size: int, num_workers: int,
                  batch_size: int, shuffle_buffer: int, spec: RecordSpec, transform: SampleTransform,
                  collate: Collate, on_corrupt: str = "error", state: dict | None = None,
-                 bucketing: Bucketing | None = None, keep: dict[str, np.ndarray] | None = None):
+                 bucketing: Bucketing | None = None, keep: dict[str, np.ndarray] | None = None,
+                 aspect_buckets: bool = False):
         super().__init__()
         if on_corrupt not in ON_CORRUPT:
             raise ValueError(f"on_corrupt must be one of {ON_CORRUPT}, not {on_corrupt!r}")
-        shards = [s for s in shards if s.count > 0 and (keep is None or keep[s.url].any())]
+        shards = usable_shards(shards, keep)
         self.max_samples = None if keep is None else int(sum(mask.sum() for mask in keep.values()))
         self.shards, self.seed, self.rank, self.world_size = shards, seed, rank, world_size
         self.num_workers = num_workers  # DataLoader workers (0 = read in the main process)
         self.batch_size, self.shuffle_buffer, self.spec = batch_size, shuffle_buffer, spec
         self.transform, self.collate, self.on_corrupt = transform, collate, on_corrupt
         self.bucketing = bucketing  # (batches per chunk, length key): length-aware batching, see `length_bucketed`
+        self.aspect_buckets = aspect_buckets
         self.order = EpochOrder([s.count for s in shards], seed=seed, window=shuffle_buffer, world_size=world_size,
                                 batch_size=batch_size, chunk_batches=bucketing[0] if bucketing else 1,
-                                keep=None if keep is None else [keep[s.url] for s in shards])
+                                keep=None if keep is None else [keep[s.url] for s in shards],
+                                buckets=record_buckets(shards, spec.shapes) if aspect_buckets else None)
         self.state = state or {}
         self.start = Position(*self.state.get("position", (0, 0, 0)))
 
@@ -208,29 +254,29 @@ class ResumableLoader:
         stream = self.stream
         return {**self.state, "position": list(self.state["position"]), "skipped": list(self.state["skipped"]),
                 **data_layout(stream.seed, stream.world_size, stream.batch_size, stream.shuffle_buffer,
-                              stream.bucketing, stream.max_samples)}
+                              stream.bucketing, stream.max_samples, stream.aspect_buckets)}
 
 
 def build_loader(source: CacheSource, *, seed: int, rank: int, world_size: int, num_workers: int, batch_size: int,
                  shuffle_buffer: int, members: tuple[str, ...], transform: SampleTransform, collate: Collate,
                  on_corrupt: str = "error", state: dict | None = None,
-                 bucketing: Bucketing | None = None, max_samples: int | None = None) -> ResumableLoader:
+                 bucketing: Bucketing | None = None, max_samples: int | None = None,
+                 aspect_buckets: bool = False) -> ResumableLoader:
     """The training batches of this process; `state` is a previous `ResumableLoader.state_dict()`.
 
     `members`: the record members the batches need (each is verified against `source.manifest`);
     `on_corrupt`: "error" (raise at the chunk that holds the record) or "skip";
-    `max_samples`: train on the subset `order.sample_subset` picks (shards holding none are not read).
+    `max_samples`: train on the subset `order.sample_subset` picks (shards holding none are not read);
+    `aspect_buckets`: every batch holds samples of one aspect-ratio bucket, when the cache has buckets.
     Raises ValueError when `state` was saved by another number of processes (the order and the
     per-process random states differ: it cannot continue exactly); another batch size, shuffle
     window, bucketing or --max_train_samples restarts the epoch reached, with a warning.
     """
-    keep = None
-    if max_samples is not None:
-        masks = sample_subset([s.count for s in source.train], max_samples, seed)
-        keep = {s.url: mask for s, mask in zip(source.train, masks)}
+    keep = subset(source, max_samples, seed)
+    aspect_buckets = aspect_buckets and has_buckets(source)
     if state is not None:
         changed = layout_changes(state, data_layout(seed, world_size, batch_size, shuffle_buffer, bucketing,
-                                                    max_samples))
+                                                    max_samples, aspect_buckets))
         if "world_size" in changed:
             raise ValueError(f"the checkpoint was saved by {changed['world_size'][0]} process(es), this run has "
                              f"{world_size}: resume with {changed['world_size'][0]}, or start a new run")
@@ -243,7 +289,8 @@ def build_loader(source: CacheSource, *, seed: int, rank: int, world_size: int, 
     stream = ShardStream(source.train, seed=seed, rank=rank, world_size=world_size, num_workers=num_workers,
                          batch_size=batch_size, shuffle_buffer=shuffle_buffer,
                          spec=RecordSpec.of(source.manifest, members), transform=transform, collate=collate,
-                         on_corrupt=on_corrupt, state=state, bucketing=bucketing, keep=keep)
+                         on_corrupt=on_corrupt, state=state, bucketing=bucketing, keep=keep,
+                         aspect_buckets=aspect_buckets)
     return ResumableLoader(stream, seed)
 
 

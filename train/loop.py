@@ -26,7 +26,7 @@ from .config import TrainConfig
 from .cpu_heap import limit_cpu_heap_fragmentation
 from .guard import StepGuard
 from .lora import ema_parameters
-from .loader import KEYS, build_loader
+from .loader import KEYS, build_loader, micro_batches_per_epoch
 from .loss_log import LossLog, read_losses, run_dir
 from .export import draw_loss_curve
 from .frozen import check_frozen_parts
@@ -52,7 +52,8 @@ def make_loader(config: TrainConfig, objective: Objective, source: CacheSource, 
                         shuffle_buffer=config.shuffle_buffer, members=objective.members,
                         transform=objective.sample_transform(), collate=objective.collate(),
                         on_corrupt=config.on_corrupt, state=state,
-                        bucketing=objective.bucketing(), max_samples=config.max_train_samples)
+                        bucketing=objective.bucketing(), max_samples=config.max_train_samples,
+                        aspect_buckets=objective.aspect_buckets)
 
 
 def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
@@ -123,7 +124,12 @@ def train(config: TrainConfig, objective: Objective) -> dict[str, Any]:
         source = resolve_source(config.shards, config.manifest)
         num_samples = training_samples(config, source)
         samples_per_step = config.train_batch_size * accelerator.num_processes * config.gradient_accumulation_steps
-        steps_per_epoch = math.ceil(num_samples / samples_per_step)
+        # ceil(N / samples_per_step) without buckets; with aspect-ratio buckets each bucket's last batch is whole
+        micro_batches = micro_batches_per_epoch(source, seed=config.seed, world_size=accelerator.num_processes,
+                                                batch_size=config.train_batch_size,
+                                                max_samples=config.max_train_samples,
+                                                aspect_buckets=objective.aspect_buckets)
+        steps_per_epoch = math.ceil(micro_batches / config.gradient_accumulation_steps)
         validation_steps = config.resolve_validation_steps(steps_per_epoch)
         model = objective.load_model()
         objective.check_manifest(source.manifest, model)

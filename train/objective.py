@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 from accelerate import Accelerator
 
@@ -19,6 +20,9 @@ from precompute import format as fmt
 from .loader import Collate, SampleTransform
 from .order import Bucketing
 from .source import CacheSource
+
+
+FLIP_PROBABILITY = 0.5  # --random_flip: diffusers' RandomHorizontalFlip() default
 
 
 class ManifestMismatch(ValueError):
@@ -33,6 +37,7 @@ class Objective(Protocol):
     model_class: type  # e.g. PriorTransformer (for EMA and checkpoint loading)
     model_subfolder: str  # e.g. "prior": its folder in checkpoints and in the exported pipeline
     members: tuple[str, ...]  # shard members the training batches need (others are not even read)
+    aspect_buckets: bool  # batches hold samples of one aspect-ratio bucket when the cache has buckets
 
     def load_model(self) -> torch.nn.Module: ...  # the trainee, fp32, in train mode
 
@@ -67,12 +72,36 @@ class ObjectiveBase:
     """Members both objectives share; `setup` sets `validation` when there is held-out data to score."""
 
     validation: Validation | None = None
+    aspect_buckets = False  # the decoder's latents differ in shape between buckets; image embeddings do not
 
     def validate(self, model: torch.nn.Module, step: int, accelerator: Accelerator) -> dict[str, float]:
         """Held-out metrics of `model` at `step` (name -> value), {} without validation; main process only."""
         if self.validation is None:
             return {}
         return self.validation.run(model, step, accelerator)
+
+
+def flip_members(members: tuple[str, ...], random_flip: bool) -> tuple[str, ...]:
+    """The members a trainer reads: with --random_flip also the flipped variants of `members`."""
+    return fmt.variant_members(members, (fmt.FLIP,)) if random_flip else members
+
+
+def refuse_without_flips(manifest: fmt.Manifest, random_flip: bool) -> None:
+    """--random_flip on a cache without flip variants: refused in one line (ManifestMismatch) before step 1."""
+    if random_flip and fmt.FLIP not in manifest.variants:
+        raise ManifestMismatch("--random_flip needs a cache with flip variants (the mirrored images' encodings): "
+                               "re-run precompute with --flip_variants, or drop --random_flip")
+
+
+def draw_flip(rng: np.random.Generator, random_flip: bool) -> bool:
+    """--random_flip: whether this sample trains on its flipped variant this epoch (even odds). Called after the
+    sample's other draws, and without drawing when the flag is off: a run without it makes the very same draws."""
+    return random_flip and bool(rng.random() < FLIP_PROBABILITY)
+
+
+def variant(sample: dict, member: str, flipped: bool) -> np.ndarray:
+    """A decoded sample's `member`, or its flipped variant (fmt.FLIP_MEMBERS)."""
+    return sample[fmt.FLIP_MEMBERS[member] if flipped else member]
 
 
 def refuse_unfit_cache(manifest: fmt.Manifest, command: str, members: tuple[str, ...],

@@ -30,6 +30,14 @@ chunk's samples are sorted by caption length, cut into batches of B and the batc
 corrupt (--on_corrupt skip) leaves a hole: the chunk's remaining samples make ceil(n / B) batches,
 the last one short (a chunk left with none yields no batch).
 
+**Aspect-ratio buckets** (a decoder cache made with --aspect_buckets; `buckets` gives each record's
+bucket): a batch must hold latents of one shape. The epoch sequence (steps 1-2) is split, stably,
+into one subsequence per bucket; each is cut into global batches of B x P as in step 3, its last one
+wrapped around to the start of the same subsequence; the global batches of all buckets are then
+dealt in an order permuted by (seed, e). So M = Σ_b ceil(N_b / (B·P)) micro-batches per process and
+epoch, the same on every process; every sample once per epoch (plus the wrap's repeats); process r
+takes part r of each global batch, as without buckets.
+
 **Randomness.** Per-sample draws (caption choice, text dropout) come from an RNG seeded by (seed, e,
 g); a chunk's bucketing from (seed, e, r, chunk). None depends on the number of workers.
 
@@ -55,7 +63,8 @@ Sample = TypeVar("Sample")
 # (batches per window, length key of a transformed sample): length-aware batching with `length_bucketed`
 Bucketing = tuple[int, Callable[[dict], int]]
 ORDER_VERSION = 2  # 1: each reader streamed whole shards (shards >= processes x workers); 2: this module
-WINDOW_STREAM, SAMPLE_STREAM = 1, 2  # RNG streams [seed, epoch, stream, ...]: disjoint from the shard order's
+WINDOW_STREAM, SAMPLE_STREAM, BUCKET_STREAM = 1, 2, 3  # RNG streams [seed, epoch, stream, ...]: disjoint from the
+# shard order's
 SUBSET_STREAM = 2**31 - 1  # RNG stream of --max_train_samples: [seed, e] seeds epoch e, and no epoch reaches it
 
 
@@ -72,11 +81,14 @@ class EpochOrder:
     """Which samples every micro-batch of every process holds, epoch after epoch (see the module docstring).
 
     `counts`: samples per shard (shard list order); `keep`: optional bool mask [count] per shard of
-    the samples trained on (--max_train_samples), None = all. Raises ValueError for an empty set.
+    the samples trained on (--max_train_samples), None = all; `buckets`: optional int array [count]
+    per shard, each record's aspect-ratio bucket (batches then hold one bucket each). Raises
+    ValueError for an empty set.
     """
 
     def __init__(self, counts: Sequence[int], *, seed: int, window: int, world_size: int, batch_size: int,
-                 chunk_batches: int = 1, keep: Sequence[np.ndarray] | None = None):
+                 chunk_batches: int = 1, keep: Sequence[np.ndarray] | None = None,
+                 buckets: Sequence[np.ndarray] | None = None):
         self.seed, self.window, self.world_size, self.batch_size = seed, max(window, 1), world_size, batch_size
         self.chunk_batches = chunk_batches
         self.offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)  # [S + 1]: global index of record 0
@@ -87,8 +99,14 @@ class EpochOrder:
         if self.num_samples == 0:
             raise ValueError("no training samples to order")
         self.batches_per_epoch = -(-self.num_samples // (batch_size * world_size))  # M, per process
+        self.bucket_of = None if buckets is None else np.concatenate([np.asarray(b, dtype=np.int64) for b in buckets])
+        if self.bucket_of is not None:  # [total] bucket of each global index
+            kept = self.bucket_of if keep is None else self.bucket_of[np.concatenate(list(keep))]
+            self.bucket_counts = np.bincount(kept)  # [number of buckets] N_b
+            self.batches_per_epoch = int((-(-self.bucket_counts // (batch_size * world_size))).sum())
         self.chunks_per_epoch = -(-self.batches_per_epoch // chunk_batches)
         self._shard_order: tuple = (None, None, None)
+        self._bucket_plan: tuple = (None, None, None)
 
     def shard_order(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         """The epoch's permutation of shard indices [S] (step 1) and where each starts in the epoch [S + 1]."""
@@ -125,7 +143,27 @@ class EpochOrder:
 
     def chunk(self, epoch: int, rank: int, chunk: int) -> Chunk:
         """The samples of process `rank`'s chunk `chunk` of `epoch`, in micro-batch order."""
+        if self.bucket_of is not None:
+            return self.locate(epoch, self.bucket_positions(epoch, rank, chunk))
         return self.locate(epoch, self.positions(rank, chunk))
+
+    def bucket_positions(self, epoch: int, rank: int, chunk: int) -> np.ndarray:
+        """With buckets: epoch sequence positions [n] of process `rank`'s chunk (module docstring)."""
+        if self._bucket_plan[0] != epoch:  # computed once per epoch: the whole sequence's buckets
+            bucket = self.bucket_of[self.epoch_samples(epoch)]  # [N] bucket at each sequence position
+            members = [np.flatnonzero(bucket == b) for b in range(len(self.bucket_counts))]  # positions per bucket
+            step = self.batch_size * self.world_size
+            batches = [(b, j) for b, n in enumerate(self.bucket_counts) for j in range(-(-int(n) // step))]
+            order = np.random.default_rng([self.seed, epoch, BUCKET_STREAM]).permutation(len(batches))  # [M]
+            self._bucket_plan = (epoch, [batches[i] for i in order], members)
+        _, plan, members = self._bucket_plan
+        first = chunk * self.chunk_batches
+        step, b = self.batch_size * self.world_size, self.batch_size
+        out = []
+        for t in range(first, min(first + self.chunk_batches, self.batches_per_epoch)):
+            bucket, j = plan[t]
+            out.append(members[bucket][(j * step + rank * b + np.arange(b)) % len(members[bucket])])  # [B]
+        return np.concatenate(out)
 
     def epoch_samples(self, epoch: int) -> np.ndarray:
         """Global indices [N] of the whole epoch sequence, before the deal (what the tests check)."""
@@ -196,15 +234,17 @@ def _sorted_batches(buffer: list, batch_size: int, key: Callable, rng: random.Ra
 
 
 def data_layout(seed: int, world_size: int, batch_size: int, shuffle_window: int, bucketing: Bucketing | None,
-                max_samples: int | None = None) -> dict[str, int]:
+                max_samples: int | None = None, aspect_buckets: bool = False) -> dict[str, int]:
     """What a saved data position depends on (stored with it in every checkpoint).
 
     The number of DataLoader workers is not part of it: the order does not depend on it.
-    `max_samples` (--max_train_samples) is recorded only when set.
+    `max_samples` (--max_train_samples) and `aspect_buckets` (batches of one bucket) are recorded only when set.
     """
     layout = {"order": ORDER_VERSION, "seed": seed, "world_size": world_size, "batch_size": batch_size,
               "shuffle_buffer": shuffle_window, "bucket_batches": bucketing[0] if bucketing else 0}
-    return layout if max_samples is None else {**layout, "max_samples": max_samples}
+    if max_samples is not None:
+        layout["max_samples"] = max_samples
+    return {**layout, "aspect_buckets": 1} if aspect_buckets else layout
 
 
 def layout_changes(state: dict, layout: dict[str, int]) -> dict[str, tuple]:

@@ -22,7 +22,8 @@ from .diffusion import diffusion_mse, draw_noise_and_timesteps, prediction_targe
 from .export import export_pipeline
 from .lora import ATTENTION_TARGETS, add_lora, export_trainee, folder_load_line, refuse_adapter_folder
 from .loader import load_validation
-from .objective import Bucketing, ObjectiveBase, refuse_unfit_cache
+from .objective import Bucketing, ObjectiveBase, draw_flip, flip_members, refuse_unfit_cache, refuse_without_flips, \
+    variant
 from .paths import check_pipeline
 from .prior_config import DEFAULT_DECODER, PriorTrainConfig
 from .prior_trim import TrimmedPrior, pad_to_longest
@@ -78,16 +79,18 @@ def training_loss(
 
 
 class PriorSampleTransform:
-    """Per sample: draw one caption uniformly and, with probability `text_dropout`, blank it.
+    """Per sample: draw one caption uniformly and, with probability `text_dropout`, blank it; with
+    `random_flip`, then draw the image variant (the flipped image's `image_embeds` at even odds).
 
     Blanking uses the cached encodings of the empty caption "" (what the pipeline's unconditional
     branch sees). Both draws happen for every sample, so the RNG stream never depends on `text_dropout`.
     """
 
-    def __init__(self, text_dropout: float = 0.0, empty_text: dict[str, np.ndarray] | None = None):
+    def __init__(self, text_dropout: float = 0.0, empty_text: dict[str, np.ndarray] | None = None,
+                 random_flip: bool = False):
         if text_dropout > 0 and empty_text is None:
             raise ValueError("--text_dropout needs the empty-caption encodings of the manifest")
-        self.text_dropout, self.empty_text = text_dropout, empty_text
+        self.text_dropout, self.empty_text, self.random_flip = text_dropout, empty_text, random_flip
 
     def __call__(self, sample: dict, rng: np.random.Generator) -> dict:
         lengths = sample[fmt.TEXT_LENGTHS]  # [C]
@@ -95,7 +98,7 @@ class PriorSampleTransform:
             raise fmt.FormatError(f"sample {sample.get('__key__')} has no caption")
         choice = int(rng.integers(len(lengths)))
         drop = bool(rng.random() < self.text_dropout)
-        image_embeds = sample[fmt.IMAGE_EMBEDS]  # [E]
+        image_embeds = variant(sample, fmt.IMAGE_EMBEDS, draw_flip(rng, self.random_flip))  # [E]
         if drop:
             dtype = sample[fmt.TEXT_EMBEDS].dtype
             text_embeds = self.empty_text["text_embeds"].astype(dtype)  # [E]
@@ -168,6 +171,7 @@ class PriorObjective(ObjectiveBase):
 
     def __init__(self, config: PriorTrainConfig):
         self.config = config
+        self.members = flip_members(TRAIN_MEMBERS, config.random_flip)
         self.noise_scheduler = make_noise_scheduler()
         self.clip_mean = self.clip_std = None
         self.max_length: int | None = None  # text positions of the prior (its num_embeddings), set in setup
@@ -196,6 +200,7 @@ class PriorObjective(ObjectiveBase):
 
     def check_manifest(self, manifest: fmt.Manifest, model: PriorTransformer) -> None:
         check_manifest(manifest, model)
+        refuse_without_flips(manifest, self.config.random_flip)
 
     def frozen_parts(self) -> dict[str, tuple[str, str]]:
         """The encoders the exported pipeline bundles, as they must match the cache's (train/frozen.py)."""
@@ -225,7 +230,7 @@ class PriorObjective(ObjectiveBase):
                             gradient_checkpointing=self.config.gradient_checkpointing)
 
     def sample_transform(self) -> PriorSampleTransform:
-        return PriorSampleTransform(self.config.text_dropout, self.empty_text)
+        return PriorSampleTransform(self.config.text_dropout, self.empty_text, self.config.random_flip)
 
     def bucketing(self) -> Bucketing | None:
         """Length-aware batching pays only when batches are trimmed to their longest caption."""
