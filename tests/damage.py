@@ -9,14 +9,13 @@ checks (dtype, shape, finiteness, members) can catch it. *Byte* damage changes a
 from __future__ import annotations
 
 import io
-import json
 import shutil
 import tarfile
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-from conftest import reindex
+from conftest import plain_shards, reindex
 
 from precompute import format as fmt
 from precompute.shard_index import ShardIndex, index_name
@@ -31,9 +30,8 @@ def copy_cache(cache: Path, out: Path) -> Path:
 
 
 def first_train_shard(cache: Path) -> str:
-    """The file name of the manifest's first training shard."""
-    manifest = json.loads((cache / fmt.MANIFEST_NAME).read_text())
-    return next(s["name"] for s in manifest["shards"] if s["split"] == fmt.TRAIN_SPLIT)
+    """The file name of the catalog's first training shard."""
+    return plain_shards(cache, fmt.TRAIN_SPLIT)[0]["name"]
 
 
 def records(path: Path) -> list[tuple[str, Members]]:
@@ -125,7 +123,7 @@ def foreign_shard(cache: Path, other: Path, with_index: bool) -> str:
 def other_cache(cache: Path, out: Path) -> Path:
     """Another valid cache with the same shard names and sizes: every image embedding negated."""
     copy_cache(cache, out)
-    for entry in json.loads((out / fmt.MANIFEST_NAME).read_text())["shards"]:
+    for entry in plain_shards(out):
         path = out / entry["name"]
         items = [(key, edit_array(fmt.IMAGE_EMBEDS, np.negative)(members)) for key, members in records(path)]
         write_records(path, items)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import read_cache, run_precompute
+from conftest import plain_shards, read_cache, run_precompute
 from PIL import Image
 
 from precompute import format as fmt
@@ -57,8 +57,7 @@ def test_sigkill_then_rerun_finishes_without_loss_or_duplicates(tiny_models, sam
     assert first_shard.stat().st_mtime_ns == stamp, "a published unit was encoded again"
     keys = shard_keys(out)
     assert sorted(keys) == sorted(sample_data["keys"]) and len(keys) == len(set(keys))
-    manifest = json.loads((out / "manifest.json").read_text())
-    for shard in manifest["shards"]:
+    for shard in plain_shards(out):
         assert hashlib.sha256((out / shard["name"]).read_bytes()).hexdigest() == shard["sha256"]
     assert not list(out.glob("*.tmp-*")), "temporary files of the killed run are left behind"
 
@@ -228,7 +227,7 @@ def test_encode_decoder_loads_no_text_encoder_and_omits_text_members(tiny_models
                           source=["--train_data_dir", str(sample_data["imagefolder"])]) == 0
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["unconditional"]["empty_caption"] is None
-    with tarfile.open(out / manifest["shards"][0]["name"]) as tar:
+    with tarfile.open(out / plain_shards(out)[0]["name"]) as tar:
         members = {m.name.split(".", 1)[1] for m in tar.getmembers()}
     assert members == {fmt.CAPTIONS, fmt.IMAGE_EMBEDS, fmt.LATENTS, fmt.META}
 
@@ -242,7 +241,7 @@ def test_encode_prior_loads_no_movq_and_omits_latents(tiny_models, sample_data, 
                           source=["--train_data_dir", str(sample_data["imagefolder"])]) == 0
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["shapes"]["latents"] is None
-    with tarfile.open(out / manifest["shards"][0]["name"]) as tar:
+    with tarfile.open(out / plain_shards(out)[0]["name"]) as tar:
         members = {m.name.split(".", 1)[1] for m in tar.getmembers()}
     assert members == {fmt.CAPTIONS, fmt.TEXT_EMBEDS, fmt.TEXT_HIDDEN, fmt.TEXT_LENGTHS, fmt.IMAGE_EMBEDS, fmt.META}
 
