@@ -100,16 +100,16 @@ def test_bad_inputs_are_skipped_and_reported(tiny_models, sample_data, tmp_path,
 
 
 def test_fp16_overflow_skips_the_sample(tiny_models, sample_data, tmp_path, monkeypatch):
-    import precompute.main as job
+    import precompute.pipeline as job
 
-    real = job.encode_batch
+    real = job.per_sample
 
-    def huge_first(batch, models, config):  # a value no fp16 can hold, in the first sample only
-        rows = real(batch, models, config)
+    def huge_first(encoded, samples):  # a value no fp16 can hold, in the first sample only
+        rows = real(encoded, samples)
         rows[0][fmt.IMAGE_EMBEDS] = rows[0][fmt.IMAGE_EMBEDS] * 0 + np.float32(1e6)
         return rows
 
-    monkeypatch.setattr(job, "encode_batch", huge_first)
+    monkeypatch.setattr(job, "per_sample", huge_first)
     out = tmp_path / "cache"
     assert run_precompute(tiny_models, out, "--max_samples", "4", "--batch_size", "4",
                           source=["--train_data_dir", str(sample_data["imagefolder"])]) == 0
