@@ -20,7 +20,7 @@ from tqdm.auto import tqdm  # noqa: E402
 
 from . import encode as enc  # noqa: E402
 from . import format as fmt  # noqa: E402
-from .config import PrecomputeConfig, parse_args  # noqa: E402
+from .config import PrecomputeConfig, parse_job  # noqa: E402
 from .lock import JobLost, LockHeld, acquire, checker  # noqa: E402
 from .manifest import build_manifest, check_or_record_run, encoder_identities, load_progress, wipe  # noqa: E402
 from .plan import Plan, assign, make_plan  # noqa: E402
@@ -165,7 +165,11 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point (`python -m precompute [report CACHE | flags]`); returns the process exit code."""
     argv = sys.argv[1:] if argv is None else argv
     try:
-        config = parse_args(argv)
+        config, options = parse_job(argv)
+        if options.dry_run:
+            from .dry_run import main as dry_run
+
+            return dry_run(config, options)
         return run(config)
     except (UsageError, LockHeld, JobLost, ValueError, FileNotFoundError) as exc:
         print(f"precompute: error: {exc}", file=sys.stderr)
