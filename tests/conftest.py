@@ -259,3 +259,16 @@ def train_prior(tiny_models):
             torch.set_num_threads(threads)
 
     return run
+
+
+@pytest.fixture(scope="session")
+def configs_only(tiny_models, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """The tiny models' folders without a single weight file (configs, tokenizer, processor, scheduler): what
+    `--dry_run` may read."""
+    import shutil
+
+    root = tmp_path_factory.mktemp("configs_only")
+    for folder in tiny_models:
+        shutil.copytree(folder, root / folder.name, ignore=shutil.ignore_patterns("*.safetensors", "*.bin", "*.pt*"))
+    assert not any(p.suffix in (".safetensors", ".bin") for p in root.rglob("*"))
+    return root / tiny_models[0].name, root / tiny_models[1].name

@@ -7,7 +7,6 @@ shards and indexes the same flags wrote.
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
@@ -17,19 +16,6 @@ from precompute import dry_run
 from precompute.config import parse_job
 
 TINY_CACHE_FLAGS = ("--dtype", "fp32", "--samples_per_shard", "16", "--holdout_samples", "8", "--batch_size", "8")
-
-
-@pytest.fixture(scope="module")
-def configs_only(tiny_models, tmp_path_factory) -> tuple[Path, Path]:
-    """The tiny models' folders without a single weight file: configs, tokenizer, processor, scheduler."""
-    root = tmp_path_factory.mktemp("configs_only")
-    out = []
-    for folder in tiny_models:
-        dst = root / folder.name
-        shutil.copytree(folder, dst, ignore=shutil.ignore_patterns("*.safetensors", "*.bin", "*.pt", "*.pth"))
-        out.append(dst)
-    assert not any(p.suffix in (".safetensors", ".bin") for p in root.rglob("*"))
-    return out[0], out[1]
 
 
 def _argv(models: tuple[Path, Path], out: Path, *extra: str) -> list[str]:
