@@ -201,7 +201,8 @@ class Packer:
                 record, kind = {**sample.copied, "__key__": key}, "copied"
             else:
                 try:
-                    record, kind = fmt.make_record(key, sample.captions, sample.meta, next(arrays), self.store), "encoded"
+                    record = fmt.make_record(key, sample.captions, sample.meta, next(arrays), self.store)
+                    kind = "encoded"
                 except OverflowError as exc:
                     unit["skips"].append(fmt.Skip("image", sample.source, sample.member, f"overflow: {exc}"))
                     unit["records"].append([sample.sid, sample.fp, None, sample.image_sha256])
