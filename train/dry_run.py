@@ -130,9 +130,9 @@ def estimate(command: str, config: TrainConfig, options: cost.DryRunOptions, sou
     else:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         dtype = torch.bfloat16 if device.type == "cuda" and config.mixed_precision == "bf16" else torch.float32
-        rate = cost.Rate(cost.calibrate(prof, device, dtype), f"one {type(prof.block).__name__} timed forward and "
-                         f"backward here ({device.type}, {str(dtype).removeprefix('torch.')})")
-        rate = cost.Rate(rate.flops_per_s, f"{rate.how}: {rate.flops_per_s / 1e9:.1f} GFLOP/s")
+        measured = cost.calibrate(prof, device, dtype)
+        rate = cost.Rate(measured, f"one {type(prof.block).__name__} timed forward and backward here ({device.type}, "
+                         f"{str(dtype).removeprefix('torch.')}): {measured / 1e9:.1f} GFLOP/s")
     return {"command": command, "samples": samples, "shards": len(shards), "world": world, "steps": steps,
             "steps_per_epoch": steps_per_epoch, "samples_per_step": per_step, "consumed": consumed,
             "epochs": consumed / samples, "read": read, "params": params, "flops_per_sample": prof.flops,
