@@ -10,6 +10,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
+from .cost import PrecomputeDryRunOptions
 from .images import DEFAULT_MAX_IMAGE_PIXELS
 
 DEFAULT_PRIOR = "kandinsky-community/kandinsky-2-2-prior"
@@ -214,10 +215,17 @@ class PrecomputeConfig:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in left_out}
 
 
-def parse_args(argv: list[str] | None = None) -> PrecomputeConfig:
-    """Parse command-line flags into a PrecomputeConfig (`--help` lists every flag)."""
+def parse_job(argv: list[str] | None = None) -> tuple[PrecomputeConfig, PrecomputeDryRunOptions]:
+    """Parse command-line flags into a PrecomputeConfig and the --dry_run options (`--help` lists every flag)."""
     from transformers import HfArgumentParser
 
-    parser = HfArgumentParser(PrecomputeConfig, description=PrecomputeConfig.__doc__)
-    (config,) = parser.parse_args_into_dataclasses(args=argv)
-    return config
+    parser = HfArgumentParser((PrecomputeConfig, PrecomputeDryRunOptions), description=PrecomputeConfig.__doc__)
+    config, options = parser.parse_args_into_dataclasses(args=argv)
+    if options.dry_run_samples < 2:
+        raise ValueError("--dry_run_samples must be at least 2 (one sample gives no standard error)")
+    return config, options
+
+
+def parse_args(argv: list[str] | None = None) -> PrecomputeConfig:
+    """Parse command-line flags into a PrecomputeConfig (`--help` lists every flag; --dry_run's are ignored here)."""
+    return parse_job(argv)[0]

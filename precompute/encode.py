@@ -64,6 +64,12 @@ def load_encoders(
     return enc
 
 
+def to_device(tensor: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """`tensor` on `like`'s device and in its dtype: copied first (asynchronous from page-locked memory), then
+    converted there; the values are those of converting first (IEEE rounding is the same on every device)."""
+    return tensor.to(like.device, non_blocking=True).to(like.dtype)
+
+
 def tokenize(tokenizer, captions: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
     """Reference tokenisation: pad to T = model_max_length (77 for CLIP), truncate; returns ids and bool mask."""
     inputs = tokenizer(
@@ -80,7 +86,7 @@ def tokenize(tokenizer, captions: Sequence[str]) -> tuple[torch.Tensor, torch.Te
 def encode_text(text_encoder: torch.nn.Module, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """`text_encoder(input_ids)` without attention mask, as the reference prior script calls it."""
     device = next(text_encoder.parameters()).device
-    output = text_encoder(input_ids.to(device))
+    output = text_encoder(input_ids.to(device, non_blocking=True))  # asynchronous from page-locked memory
     return output.text_embeds, output.last_hidden_state  # [N, E], [N, T, H]
 
 
@@ -93,14 +99,14 @@ def clip_pixel_values(image_processor, images: list) -> torch.Tensor:
 def encode_image_embeds(image_encoder: torch.nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
     """Raw CLIP `image_embeds` (the trainer normalises with the prior's clip_mean/clip_std)."""
     param = next(image_encoder.parameters())
-    return image_encoder(pixel_values.to(device=param.device, dtype=param.dtype)).image_embeds  # [B, E]
+    return image_encoder(to_device(pixel_values, param)).image_embeds  # [B, E]
 
 
 @torch.inference_mode()
 def encode_latents(movq: torch.nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
     """`movq.encode(x).latents`: unquantised, no scaling factor, as the reference decoder script."""
     param = next(movq.parameters())
-    return movq.encode(pixel_values.to(device=param.device, dtype=param.dtype)).latents  # [B, 4, r/8, r/8]
+    return movq.encode(to_device(pixel_values, param)).latents  # [B, 4, r/8, r/8]
 
 
 @torch.inference_mode()

@@ -9,11 +9,19 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
+from .jsonrecord import OMITTED  # noqa: F401 - part of the format's API
+from .jsonrecord import Record as _Record
+from .jsonrecord import frozen as _frozen
+from .jsonrecord import many as _many
+from .jsonrecord import named as _named
+from .jsonrecord import one as _one
+from .jsonrecord import optional as _optional
+from .jsonrecord import optional_many as _optional_many
 from .npy import FormatError, decode_array, encode_array  # noqa: F401 - part of the format's API
 
 FORMAT = "kandinsky22-embedding-cache"
@@ -73,6 +81,16 @@ def shard_name(split: str, unit: str, chunk: int) -> str:
 def report_name(unit: str) -> str:
     """Path, relative to the cache, of a unit's report: one `Skip` JSON object per line."""
     return f"{REPORT_DIR}/unit-{unit}.jsonl"
+
+
+CATALOG_PREFIX, CATALOG_SUFFIX = "units-", ".jsonl"
+CATALOG_NAME_CHARS = 16  # hex digits of the catalog's sha256 in its name
+
+
+def catalog_name(sha256: str) -> str:
+    """File name of the unit catalog whose bytes have this hex sha256: a new catalog never replaces the
+    one an older manifest names, so a reader sees the old manifest and catalog or the new ones."""
+    return f"{CATALOG_PREFIX}{sha256[:CATALOG_NAME_CHARS]}{CATALOG_SUFFIX}"
 
 
 def make_record(key: str, captions: list[str], meta: dict, arrays: dict[str, np.ndarray], store) -> dict:
@@ -139,71 +157,9 @@ def missing_members(manifest: Manifest, required: tuple[str, ...]) -> list[str]:
 
 
 # -- the manifest schema ---------------------------------------------------------------------------
-# Each class is one JSON object of manifest.json; `to_dict` gives its keys in the order the writer
-# has always written them, so `Manifest.from_dict(m).to_dict() == m` for every manifest of this
-# version. A reader ignores keys it does not know; a missing key is a FormatError.
-
-
-def _json(value: Any) -> Any:
-    if isinstance(value, _Record):
-        return value.to_dict()
-    if isinstance(value, tuple):
-        return [_json(item) for item in value]
-    if isinstance(value, dict):
-        return {key: _json(item) for key, item in value.items()}
-    return value
-
-
-def _frozen(value: Any, where: str = "") -> Any:
-    """JSON lists as tuples (records are immutable); objects stay dicts."""
-    return tuple(_frozen(item) for item in value) if isinstance(value, list) else value
-
-
-# A field added in version 3 that only some caches use: absent from the JSON while it has its default,
-# so a manifest without buckets or variants reads as before.
-OMITTED = {"omit": True}
-
-
-def _one(cls: type) -> dict:
-    return {"parse": cls.from_dict}
-
-
-def _optional(cls: type) -> dict:
-    return {"parse": lambda value, where: None if value is None else cls.from_dict(value, where)}
-
-
-def _many(cls: type) -> dict:
-    return {"parse": lambda items, where: tuple(cls.from_dict(item, where) for item in items)}
-
-
-def _optional_many(cls: type) -> dict:
-    return {"parse": lambda items, where: None if items is None else tuple(cls.from_dict(i, where) for i in items)}
-
-
-def _named(cls: type) -> dict:
-    return {"parse": lambda items, where: {key: cls.from_dict(item, f"{where}{key}.") for key, item in items.items()}}
-
-
-class _Record:
-    """One JSON object: a dataclass field per key (`metadata`: "key" renames it, "parse" builds it)."""
-
-    def to_dict(self) -> dict:
-        """The JSON object, keys in manifest.json order; an `OMITTED` field is left out while it has its default."""
-        return {f.metadata.get("key", f.name): _json(getattr(self, f.name)) for f in fields(self)
-                if not (f.metadata.get("omit") and getattr(self, f.name) == f.default)}
-
-    @classmethod
-    def from_dict(cls, data: Mapping, where: str = ""):
-        """Build from a JSON object; raises FormatError naming the first missing field without a default."""
-        values = {}
-        for f in fields(cls):
-            key = f.metadata.get("key", f.name)
-            if isinstance(data, Mapping) and key not in data and f.default is not MISSING:
-                continue  # a field added later (a reader of older manifests gets its default)
-            if not isinstance(data, Mapping) or key not in data:
-                raise FormatError(f"manifest field {where}{key} is missing")
-            values[f.name] = f.metadata.get("parse", _frozen)(data[key], f"{where}{key}.")
-        return cls(**values)
+# Each class is one JSON object of manifest.json (precompute/jsonrecord.py): `to_dict` gives its keys
+# in the order the writer has always written them, so `Manifest.from_dict(m).to_dict() == m` for every
+# manifest of this version. A reader ignores keys it does not know; a missing key is a FormatError.
 
 
 @dataclass(frozen=True)
@@ -217,7 +173,10 @@ class IndexEntry(_Record):
 
 @dataclass(frozen=True)
 class ShardEntry(_Record):
-    """One published shard: its file name (relative to the manifest), split, records, size, sha256, index."""
+    """One published shard: its file name (relative to the manifest), split, records, size, sha256, index.
+
+    The catalog (precompute/catalog.py) stores it as one row of columns; `ShardTable.entry` builds it.
+    """
 
     name: str
     split: str
@@ -300,7 +259,7 @@ class Totals(_Record):
 
     `images` image inputs seen, `samples` encoded (in the shards), `skipped` images not encoded,
     `unreadable` input tars (or tar ends) that could not be read, `other` report entries that are not
-    images (see `Skip`). Every one of them is named in a report file (`Manifest.reports`).
+    images (see `Skip`). Every one of them is named in a report file (the catalog's units with a report).
     """
 
     images: int
@@ -315,14 +274,12 @@ class Totals(_Record):
     bytes_per_sample: float
 
     @classmethod
-    def of(cls, shards: tuple[ShardEntry, ...], skipped: int, unreadable: int = 0, other: int = 0) -> Totals:
-        """Totals of the published shards and the reported inputs."""
-        split = {name: SplitTotals(sum(s.count for s in shards if s.split == name),
-                                   sum(1 for s in shards if s.split == name),
-                                   sum(s.bytes for s in shards if s.split == name)) for name in SPLITS}
-        samples, size = sum(t.samples for t in split.values()), sum(s.bytes for s in shards)
+    def of(cls, split: Mapping[str, SplitTotals], skipped: int, unreadable: int = 0, other: int = 0) -> Totals:
+        """Totals of the published shards (`split`: SplitTotals of each of SPLITS) and the reported inputs."""
+        samples, size = sum(split[name].samples for name in SPLITS), sum(split[name].bytes for name in SPLITS)
+        shards = sum(split[name].shards for name in SPLITS)
         return cls(samples + skipped, samples, skipped, unreadable, other, split[TRAIN_SPLIT],
-                   split[VALIDATION_SPLIT], len(shards), size, size / max(samples, 1))
+                   split[VALIDATION_SPLIT], shards, size, size / max(samples, 1))
 
 
 @dataclass(frozen=True)
@@ -372,6 +329,19 @@ class Unconditional(_Record):
 
 
 @dataclass(frozen=True)
+class CatalogEntry(_Record):
+    """manifest.json's `catalog`: the unit catalog file (precompute/catalog.py: one JSON line per unit, its
+    split, report and shards), named by its content (`catalog_name`), with its size, sha256 and row counts."""
+
+    name: str  # relative to the manifest
+    bytes: int
+    sha256: str
+    units: int  # lines
+    shards: int  # shards listed, over all lines
+    reports: int  # units with a report file
+
+
+@dataclass(frozen=True)
 class Manifest(_Record):
     """manifest.json: what the cache holds, how it was made, and its published shards."""
 
@@ -386,10 +356,8 @@ class Manifest(_Record):
     encoders: dict[str, EncoderIdentity] = field(metadata=_named(EncoderIdentity))
     preprocessing: dict  # a description for people; no reader relies on it
     shapes: Shapes = field(metadata=_one(Shapes))
-    units: tuple[str, ...]  # ids of the input units the cache holds (see UNIT_ID_CHARS)
-    shards: tuple[ShardEntry, ...] = field(metadata=_many(ShardEntry))
+    catalog: CatalogEntry = field(metadata=_one(CatalogEntry))  # the units, their shards and reports
     totals: Totals = field(metadata=_one(Totals))
-    reports: tuple[str, ...]  # report files (relative names) of the units with something to report
     unconditional: Unconditional = field(metadata=_one(Unconditional))
     validation_prompts: tuple[PromptEncoding, ...] = field(metadata=_many(PromptEncoding))
     variants: tuple[str, ...] = field(default=(), metadata=OMITTED)  # ("flip",): records hold FLIP_MEMBERS too
@@ -405,10 +373,6 @@ class Manifest(_Record):
         """numpy dtype of the float members."""
         return np.dtype(FLOAT_DTYPES[self.dtype])
 
-    def shards_of(self, split: str = TRAIN_SPLIT) -> tuple[ShardEntry, ...]:
-        """The published shards of one split, in manifest order."""
-        return tuple(s for s in self.shards if s.split == split)
-
     def count(self, split: str = TRAIN_SPLIT) -> int:
-        """Number of samples in one split (from the per-shard counts)."""
-        return sum(s.count for s in self.shards_of(split))
+        """Number of samples in one split (the totals of the catalog's per-shard counts)."""
+        return getattr(self.totals, split).samples

@@ -1,4 +1,5 @@
-"""The cache manifest: encoder identities, run fingerprint, and the merge of published units."""
+"""The cache manifest: encoder identities, run fingerprint, and the merge of published units into the unit
+catalog (precompute/catalog.py) and manifest.json."""
 
 from __future__ import annotations
 
@@ -8,16 +9,18 @@ import hashlib
 import json
 import os
 import posixpath
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 import torch
 
 from . import encode as enc
 from . import format as fmt
+from .catalog import catalog_entry, catalog_line
 from .config import INPUT_LOCATION, PrecomputeConfig
 from .identity import component_folder, component_identity
 from .lock import JOB_FILE, LOCK_FILE
-from .writer import PROGRESS_DIR, RUN_FILE, progress_name, write_json_atomic
+from .writer import PROGRESS_DIR, RUN_FILE, progress_name, write_bytes_atomic, write_json_atomic
 
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.json", "*.txt")
 
@@ -134,19 +137,14 @@ def check_or_record_run(config: PrecomputeConfig, identities: dict[str, fmt.Enco
     state.wait_for_everyone()
 
 
-def load_progress(writer, units) -> list[dict]:
-    """Progress records of every planned unit, in plan order; a missing one means a rank failed."""
-    records = []
+def load_progress(writer, units) -> Iterator[dict]:
+    """Progress records of every planned unit, in plan order, one at a time (a cache of 100,000 units never
+    holds them all); a missing one raises RuntimeError (a rank failed) before anything is written."""
     for unit in units:
         path = writer.path(progress_name(unit.id))
         if not writer.fs.exists(path):
             raise RuntimeError(f"unit {unit.id} was not published (did a process fail?); re-run to finish it")
-        records.append(json.loads(writer.fs.cat_file(path)))
-    return records
-
-
-def _count(progress: list[dict], name: str) -> int:
-    return sum(unit.get("counts", {}).get(name, 0) for unit in progress)
+        yield json.loads(writer.fs.cat_file(path))
 
 
 def _rounded(tensor: torch.Tensor, store) -> tuple:
@@ -200,35 +198,58 @@ def _preprocessing(shapes: fmt.Shapes) -> dict:
     }
 
 
+def assemble_catalog(progress: Iterable[dict]) -> tuple[bytes, fmt.CatalogEntry, dict[str, fmt.SplitTotals], dict]:
+    """The unit catalog of the published units (one pass over `progress`): its bytes, its manifest entry, the
+    totals of its shards per split, and the counts summed over the units (`images`, `skipped`, `unreadable`,
+    `other`; `images` is None when no unit has counts). Lines are sorted by (split, unit
+    id), so the shards are in name order, as manifest.json listed them."""
+    lines: list[tuple[str, str, bytes]] = []
+    counts: dict = dict.fromkeys(("images", "skipped", "unreadable", "other"), 0)
+    counted = False
+    split = {name: [0, 0, 0] for name in fmt.SPLITS}  # samples, shards, bytes
+    reports = 0
+    for unit in progress:
+        uid, shards, report = unit["unit"], [fmt.ShardEntry.from_dict(s) for s in unit["shards"]], unit.get("report")
+        if report not in (None, fmt.report_name(uid)):
+            raise RuntimeError(f"unit {uid}: report {report} is not its report file")  # the catalog derives it
+        lines.append((unit["split"], uid, catalog_line(uid, unit["split"], report is not None, shards)))
+        reports += report is not None
+        for shard in shards:
+            split[shard.split] = [a + b for a, b in zip(split[shard.split], (shard.count, 1, shard.bytes))]
+        counted |= "counts" in unit
+        for name in counts:
+            counts[name] += unit.get("counts", {}).get(name, 0)
+    lines.sort(key=lambda line: line[:2])
+    data = b"".join(line for _, _, line in lines)
+    split_totals = {name: fmt.SplitTotals(*values) for name, values in split.items()}
+    entry = catalog_entry(data, len(lines), sum(t.shards for t in split_totals.values()), reports)
+    return data, entry, split_totals, {**counts, "images": counts["images"] if counted else None}
+
+
 def assemble_manifest(
     config: PrecomputeConfig,
     identities: dict[str, fmt.EncoderIdentity],
     entries: tuple[fmt.Shapes, fmt.Unconditional, tuple[fmt.PromptEncoding, ...]],
-    progress: list[dict],
+    progress: Iterable[dict],
     created: str | None = None,
-) -> fmt.Manifest:
-    """The manifest of the published units (`progress`) and the encoders' `entries`; no model, no I/O.
-
-    `created` defaults to now (UTC, ISO 8601, seconds).
-    """
+) -> tuple[fmt.Manifest, bytes]:
+    """The manifest and unit catalog bytes of the published units (`progress`) and the encoders' `entries`;
+    no model, no I/O. `created` defaults to now (UTC, ISO 8601, seconds)."""
     shapes, unconditional, prompts = entries
-    shards = tuple(sorted((fmt.ShardEntry.from_dict(s) for unit in progress for s in unit["shards"]),
-                          key=lambda s: s.name))
-    totals = fmt.Totals.of(shards, _count(progress, "skipped"), _count(progress, "unreadable"),
-                           _count(progress, "other"))
-    if any("counts" in unit for unit in progress) and totals.images != _count(progress, "images"):
-        raise RuntimeError(f"accounting: {_count(progress, 'images')} images seen, but {totals.samples} in the "
+    catalog, entry, split, counts = assemble_catalog(progress)
+    totals = fmt.Totals.of(split, counts["skipped"], counts["unreadable"], counts["other"])
+    if counts["images"] is not None and totals.images != counts["images"]:
+        raise RuntimeError(f"accounting: {counts['images']} images seen, but {totals.samples} in the "
                            f"shards + {totals.skipped} skipped")  # never written silently wrong
-    return fmt.Manifest(
+    manifest = fmt.Manifest(
         format=fmt.FORMAT, version=fmt.VERSION,
         created=created or datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         location=config.output_dir, encode=config.encode, dtype=config.dtype,
         members=fmt.variant_members(fmt.ENCODE_MEMBERS[config.encode], variants(config)), config=config.to_dict(),
-        encoders=identities,
-        preprocessing=_preprocessing(shapes), shapes=shapes, units=tuple(unit["unit"] for unit in progress),
-        shards=shards, totals=totals, reports=tuple(unit["report"] for unit in progress if unit.get("report")),
+        encoders=identities, preprocessing=_preprocessing(shapes), shapes=shapes, catalog=entry, totals=totals,
         unconditional=unconditional, validation_prompts=prompts, variants=variants(config),
     )
+    return manifest, catalog
 
 
 def variants(config: PrecomputeConfig) -> tuple[str, ...]:
@@ -236,19 +257,25 @@ def variants(config: PrecomputeConfig) -> tuple[str, ...]:
     return (fmt.FLIP,) if config.flip_variants else ()
 
 
-def write_manifest(output_dir: str, manifest: fmt.Manifest) -> None:
-    """Publish manifest.json atomically (readers see the old one or the new one)."""
+def write_manifest(output_dir: str, manifest: fmt.Manifest, catalog: bytes | None = None) -> None:
+    """Publish the unit catalog (unless None: it is already there), then manifest.json, each atomically (readers
+    see the old manifest and catalog or the new ones), then delete the catalogs no manifest names any more."""
     import fsspec
 
     fs, root = fsspec.core.url_to_fs(output_dir)
+    if catalog is not None:
+        write_bytes_atomic(fs, posixpath.join(root, manifest.catalog.name), catalog)
     write_json_atomic(fs, posixpath.join(root, fmt.MANIFEST_NAME), manifest.to_dict())
+    for path in fs.glob(posixpath.join(root, f"{fmt.CATALOG_PREFIX}*{fmt.CATALOG_SUFFIX}")):
+        if posixpath.basename(path) != manifest.catalog.name:
+            fs.rm(path)
 
 
 def build_manifest(
-    config: PrecomputeConfig, models: enc.Encoders, identities: dict[str, fmt.EncoderIdentity], progress: list[dict],
+    config: PrecomputeConfig, models: enc.Encoders, identities: dict[str, fmt.EncoderIdentity], progress: Iterable[dict],
     buckets: tuple[fmt.Bucket, ...] | None = None,
 ) -> fmt.Manifest:
-    """Merge the published units into manifest.json (written atomically) and return it."""
-    manifest = assemble_manifest(config, identities, encoder_entries(config, models, buckets), progress)
-    write_manifest(config.output_dir, manifest)
+    """Merge the published units into the unit catalog and manifest.json (written atomically); return the manifest."""
+    manifest, catalog = assemble_manifest(config, identities, encoder_entries(config, models, buckets), progress)
+    write_manifest(config.output_dir, manifest, catalog)
     return manifest

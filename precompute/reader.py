@@ -1,4 +1,4 @@
-"""Read the cache: the typed manifest, shard URLs, safe sample decoding, input URL expansion.
+"""Read the cache: the typed manifest, its unit catalog, shard URLs, safe sample decoding, input URL expansion.
 
 Imports the format module only (never the writer). Decoding reads raw tar bytes and parses them
 with `format.decode_array` (an `.npy` reader that refuses object arrays) / `json`, so that a hostile
@@ -20,6 +20,7 @@ import fsspec
 import numpy as np
 
 from . import format as fmt
+from .catalog import Catalog, parse_catalog
 
 GLOB_CHARS = "*?["
 LOCAL_SCHEMES = ("", "file")
@@ -56,10 +57,21 @@ def cache_root(location: str) -> str:
     return location
 
 
+def read_catalog(location: str, manifest: fmt.Manifest) -> Catalog:
+    """The unit catalog (precompute/catalog.py) the manifest names, streamed into columns and checked against
+    the manifest's size and sha256. Raises FileNotFoundError when it is missing, FormatError when it differs."""
+    url = _join(cache_root(location), manifest.catalog.name)
+    try:
+        with fsspec.open(url, "rb") as handle:
+            return parse_catalog(handle, manifest.catalog, url)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{url}: the unit catalog manifest.json names is missing") from None
+
+
 def shard_urls(manifest: fmt.Manifest, location: str, split: str = fmt.TRAIN_SPLIT) -> list[str]:
-    """URLs of the published shards of one split, in manifest order."""
-    root = cache_root(location)
-    return [_join(root, s.name) for s in manifest.shards_of(split)]
+    """URLs of the published shards of one split, in catalog order (reads the catalog)."""
+    root, table = cache_root(location), read_catalog(location, manifest).shards.of_split(split)
+    return [_join(root, table.name(row)) for row in range(len(table))]
 
 
 def split_count(manifest: fmt.Manifest, split: str = fmt.TRAIN_SPLIT) -> int:
@@ -150,14 +162,15 @@ def expand_urls(spec: str | os.PathLike | Sequence[str | os.PathLike]) -> list[s
 
 
 def read_report(location: str, manifest: fmt.Manifest | None = None) -> Iterator[fmt.Skip]:
-    """Every input the cache does not hold, with its reason: the lines of the report files the manifest lists.
+    """Every input the cache does not hold, with its reason: the lines of the units' report files (the catalog's
+    units with `report`), in catalog order.
 
     `Skip.kind` "image" entries are the images counted in `totals.skipped`, "tar" the unreadable tars
     (`totals.unreadable`), "entry" everything else (`totals.other`).
     """
     manifest = manifest or read_manifest(location)
     root = cache_root(location)
-    for name in manifest.reports:
+    for name in read_catalog(location, manifest).report_names():
         with fsspec.open(_join(root, name), "r", encoding="utf-8") as handle:
             for line in handle:
                 if line.strip():

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import format as fmt
+from .catalog import parse_catalog
 from .plan import Plan, Unit
 from .shard_index import index_name
 from .wds_inputs import group_items, iter_groups
@@ -34,7 +35,7 @@ class CacheState:
 
 
 def read_state(fs: Any, root: str) -> CacheState:
-    """Read every `_progress/unit-*.json` and the manifest's unit list (nothing is written)."""
+    """Read every `_progress/unit-*.json` and the units of the manifest's catalog (nothing is written)."""
     progress = {}
     for path in sorted(fs.glob(posixpath.join(root, PROGRESS_DIR, "unit-*.json"))):
         record = json.loads(fs.cat_file(path))
@@ -42,7 +43,9 @@ def read_state(fs: Any, root: str) -> CacheState:
     manifest_path = posixpath.join(root, fmt.MANIFEST_NAME)
     units = None
     if fs.exists(manifest_path):
-        units = set(json.loads(fs.cat_file(manifest_path)).get("units", ()))
+        catalog = fmt.Manifest.from_dict(json.loads(fs.cat_file(manifest_path))).catalog
+        with fs.open(posixpath.join(root, catalog.name), "rb") as handle:
+            units = set(parse_catalog(handle, catalog, catalog.name).unit_ids())
     return CacheState(progress, units)
 
 

@@ -53,7 +53,8 @@ class Batch:
 
     `clip_pixel_values` / `pixel_values` hold the samples to encode (those without `copied`), in order;
     `flip_*` the same for their mirrored images (--flip_variants), else None. `pixel_values` is a list:
-    with aspect-ratio buckets the samples' sizes differ.
+    with aspect-ratio buckets the samples' sizes differ. `input_ids` / `text_mask` hold their captions
+    tokenized (all captions of each sample, in order) when the stream was given a tokenizer.
     `ended` names the units whose last sample (if any) is in this batch or an earlier one: the loop
     publishes them after writing this batch. `fatal` is a refusal met while reading (an interleaved
     tar): the job stops with it.
@@ -68,6 +69,21 @@ class Batch:
     fatal: str | None = None
     flip_clip_pixel_values: torch.Tensor | None = None  # [B, 3, 224, 224] of the mirrored images
     flip_pixel_values: list[torch.Tensor] | None = None  # B x [3, h, w] of the mirrored images
+    input_ids: torch.Tensor | None = None  # [N, T] token ids of the N captions of the samples to encode
+    text_mask: torch.Tensor | None = None  # [N, T] bool attention mask (padding False)
+
+    def pin_memory(self) -> Batch:
+        """The batch with its tensors in page-locked memory (DataLoader(pin_memory=True) calls this on a GPU
+        host), so that their copies to the device run asynchronously (`non_blocking=True`)."""
+        for name in ("clip_pixel_values", "flip_clip_pixel_values", "input_ids", "text_mask"):
+            tensor = getattr(self, name)
+            if tensor is not None:
+                setattr(self, name, tensor.pin_memory())
+        for name in ("pixel_values", "flip_pixel_values"):  # lists: sizes differ with aspect-ratio buckets
+            tensors = getattr(self, name)
+            if tensors is not None:
+                setattr(self, name, [tensor.pin_memory() for tensor in tensors])
+        return self
 
 
 @dataclass
@@ -121,8 +137,9 @@ class UnitStream(torch.utils.data.IterableDataset):
 
     def __init__(self, units: Sequence[Unit], source: Any | None, config: PrecomputeConfig,
                  clip_preprocess: Callable[[list], torch.Tensor], resolution: int | None,
-                 copies: dict[str, CopySource] | None = None, buckets: tuple[fmt.Bucket, ...] | None = None) -> None:
-        self.units, self.source, self.clip_preprocess = list(units), source, clip_preprocess
+                 copies: dict[str, CopySource] | None = None, buckets: tuple[fmt.Bucket, ...] | None = None,
+                 tokenize: Callable[[list[str]], tuple[torch.Tensor, torch.Tensor]] | None = None) -> None:
+        self.units, self.source, self.clip_preprocess, self.tokenize = list(units), source, clip_preprocess, tokenize
         self.caption_column, self.batch_size = config.caption_column, config.batch_size
         self.resolution, self.min_size, self.max_pixels = resolution, config.min_image_size, config.max_image_pixels
         self.output_dir, self.copies = config.output_dir, copies or {}
@@ -166,7 +183,10 @@ class UnitStream(torch.utils.data.IterableDataset):
         todo = [p for p in ready if p.sample.copied is None]
         clip = self.clip_preprocess([p.image for p in todo]) if todo else None  # [B, 3, 224, 224]
         pixels = [p.pixel_values for p in todo] if todo and self.resolution else None
-        batch = Batch([p.sample for p in ready], clip, pixels, skipped, inputs, ended)
+        ids = mask = None
+        if todo and self.tokenize is not None:
+            ids, mask = self.tokenize([c for p in todo for c in p.sample.captions])  # [N, T], [N, T]
+        batch = Batch([p.sample for p in ready], clip, pixels, skipped, inputs, ended, input_ids=ids, text_mask=mask)
         if self.flip and todo:
             batch.flip_clip_pixel_values = self.clip_preprocess([p.flipped for p in todo])  # [B, 3, 224, 224]
             batch.flip_pixel_values = [p.flip_pixel_values for p in todo] if self.resolution else None
@@ -226,16 +246,21 @@ def collate_identity(batch: Batch) -> Batch:
 def build_stream(
     config: PrecomputeConfig, source: Any | None, units: Sequence[Unit], image_processor: Any, *, latents: bool,
     copies: dict[str, CopySource] | None = None, buckets: tuple[fmt.Bucket, ...] | None = None,
+    tokenizer: Any | None = None, pin_memory: bool = False,
 ) -> torch.utils.data.DataLoader:
     """The stream precompute encodes: `Batch`es of `units`, read and preprocessed in `config.num_workers` workers.
 
     `source` is the map-style input (None for input tars), `image_processor` the prior's
     CLIPImageProcessor; `latents` also builds the MoVQ input at `config.resolution`; `copies` maps
     the ids of unchanged inputs to their records in the old cache (--update); `buckets` the
-    aspect-ratio buckets of the latents (--aspect_buckets, precompute/buckets.py).
+    aspect-ratio buckets of the latents (--aspect_buckets, precompute/buckets.py); `tokenizer` (the
+    prior's CLIPTokenizer) tokenizes the captions in the workers too; `pin_memory` (a GPU host) hands
+    the batches over in page-locked memory (`Batch.pin_memory`).
     """
     stream = UnitStream(units, source, config,
                         functools.partial(enc.clip_pixel_values, image_processor),  # picklable for spawned workers
-                        config.resolution if latents else None, copies, buckets)
-    return torch.utils.data.DataLoader(stream, batch_size=None, num_workers=min(config.num_workers, len(units)),
-                                       collate_fn=collate_identity)
+                        config.resolution if latents else None, copies, buckets,
+                        functools.partial(enc.tokenize, tokenizer) if tokenizer is not None else None)
+    workers = min(config.num_workers, len(units))
+    return torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers, collate_fn=collate_identity,
+                                       pin_memory=pin_memory)

@@ -23,7 +23,8 @@ from __future__ import annotations
 import os
 import posixpath
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlparse
@@ -152,8 +153,43 @@ def read_index(url: str, entry: fmt.ShardEntry) -> ShardIndex:
     return parse_index(fetch_index(url), url, entry)
 
 
+# Parsed shard indexes a reader keeps. A trainer reads a few records at a time (a chunk of micro-batches)
+# from the few shards its shuffle window spans: without keeping them it would fetch and hash a shard's
+# index (~110 bytes a record: ~110 KB for a shard of 1,000) again for every chunk, more bytes than the
+# records it reads there. 8 covers a window of several shards; older ones are read again when met again.
+INDEX_CACHE = 8
+
+
+class LastUsed:
+    """The `capacity` most recently used values by key; the least recently used is dropped first.
+
+    An OrderedDict, not functools.lru_cache: train/dry_run.py replays the same policy on keys alone to
+    count the index reads a run will make.
+    """
+
+    def __init__(self, capacity: int):
+        self.capacity, self.items = capacity, OrderedDict()
+
+    def get(self, key: Hashable) -> Any | None:
+        """The value of `key` (now the most recently used), or None."""
+        if key not in self.items:
+            return None
+        self.items.move_to_end(key)
+        return self.items[key]
+
+    def put(self, key: Hashable, value: Any) -> None:
+        """Keep `value` for `key`, dropping the least recently used beyond capacity."""
+        self.items[key] = value
+        self.items.move_to_end(key)
+        while len(self.items) > self.capacity:
+            self.items.popitem(last=False)
+
+
 class RecordReader:
     """Verified, decoded samples of shards, read by byte range; `verify_seconds` sums the time spent verifying.
+
+    The parsed indexes of the `INDEX_CACHE` shards read last are kept (`LastUsed`): a shard read again
+    soon after is not fetched and hashed again.
 
     `handler(error)` receives every CorruptRecord / CorruptShard: True skips the record (it is
     yielded as that error in place of its sample, so that callers account for it in their own
@@ -163,6 +199,7 @@ class RecordReader:
     def __init__(self, spec: RecordSpec, handler: Handler):
         self.spec, self.handler = spec, handler
         self.verify_seconds = 0.0  # sha256 of index and records + content checks, on this reader's clock
+        self.indexes = LastUsed(INDEX_CACHE)  # url -> ShardIndex, checked against the manifest when read
 
     def _fail(self, error: fmt.FormatError) -> fmt.FormatError:
         if not self.handler(error):
@@ -178,10 +215,13 @@ class RecordReader:
         if not positions:
             return
         try:
-            data = fetch_index(url)
-            started = time.perf_counter()
-            index = parse_index(data, url, entry)
-            self.verify_seconds += time.perf_counter() - started
+            index = self.indexes.get(url)
+            if index is None:
+                data = fetch_index(url)
+                started = time.perf_counter()
+                index = parse_index(data, url, entry)
+                self.verify_seconds += time.perf_counter() - started
+                self.indexes.put(url, index)
         except CorruptShard as error:
             self._fail(error)
             yield from ((i, error) for i in positions)

@@ -265,9 +265,14 @@ class CacheWriter:
         self.published.append(progress)
 
 
-def write_json_atomic(fs, path: str, obj: Any) -> None:
-    """Write JSON under a temporary name, then rename: readers see the old file or the new one."""
+def write_bytes_atomic(fs, path: str, data: bytes) -> None:
+    """Write `data` under a temporary name, then rename: readers see the old file or the new one."""
     tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-    with fs.open(tmp, "w") as handle:
-        json.dump(obj, handle, indent=1)
+    with fs.open(tmp, "wb") as handle:
+        handle.write(data)
     fs.mv(tmp, path)
+
+
+def write_json_atomic(fs, path: str, obj: Any) -> None:
+    """Write JSON (indented) under a temporary name, then rename: readers see the old file or the new one."""
+    write_bytes_atomic(fs, path, json.dumps(obj, indent=1).encode())

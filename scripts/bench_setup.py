@@ -166,14 +166,15 @@ def run_precompute(argv: list[str], log_path: Path) -> str:
 
 def read_member_sizes(cache: Path, split: str = "train") -> dict:
     """Per member: total payload bytes and bytes as stored in the tar (header + 512-byte padding)."""
+    from precompute import reader
+
     manifest = json.loads((cache / "manifest.json").read_text())
+    table = reader.read_catalog(str(cache), reader.read_manifest(str(cache))).shards.of_split(split)
     payload: dict[str, int] = {}
     stored: dict[str, int] = {}
     lengths: list[int] = []
-    for shard in manifest["shards"]:
-        if shard["split"] != split:
-            continue
-        with tarfile.open(cache / shard["name"]) as tar:
+    for row in range(len(table)):
+        with tarfile.open(cache / table.name(row)) as tar:
             for info in tar:
                 member = info.name.split(".", 1)[1]
                 payload[member] = payload.get(member, 0) + info.size

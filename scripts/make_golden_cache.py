@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Write the golden cache tests/data/golden/: one tiny shard, its index and manifest.json, no model built.
+"""Write the golden cache tests/data/golden/: one tiny shard, its index, unit catalog and manifest.json, no model.
 
 The records go through the product's own code (format.make_record, the CacheWriter, the manifest's
 assembly and atomic write), but every array is synthetic and deterministic (E = H = 4, latents
@@ -86,7 +86,8 @@ def identities() -> dict[str, fmt.EncoderIdentity]:
 
 
 def make_golden_cache(out: Path) -> list[Path]:
-    """Write the golden shard, its index, the unit's report and manifest.json into `out`; returns their paths."""
+    """Write the golden shard, its index, the unit's report, the catalog and manifest.json into `out`; returns
+    their paths (a catalog of another content is deleted, as precompute does)."""
     config = PrecomputeConfig(output_dir=LOCATION, input_shards="synthetic.tar", resolution=RESOLUTION,
                               dtype="fp16", samples_per_shard=len(CAPTIONS), validation_prompts=[PROMPT])
     store = fmt.FLOAT_DTYPES[config.dtype]
@@ -108,8 +109,9 @@ def make_golden_cache(out: Path) -> list[Path]:
         for name in names:
             (out / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(Path(tmp) / name, out / name)
-    write_manifest(str(out), assemble_manifest(config, identities(), manifest_entries(), progress, created=CREATED))
-    return [out / name for name in names] + [out / fmt.MANIFEST_NAME]
+    manifest, catalog = assemble_manifest(config, identities(), manifest_entries(), progress, created=CREATED)
+    write_manifest(str(out), manifest, catalog)
+    return [out / name for name in names] + [out / manifest.catalog.name, out / fmt.MANIFEST_NAME]
 
 
 def main() -> None:

@@ -49,7 +49,7 @@ def read_cache(cache: str | Path, split: str | None = "train", keys: list[str] |
                limit: int | None = None, decode: Callable[[dict], dict] | None = None) -> list[dict]:
     """The samples of a local cache's `split` (None: every shard), in the manifest's shard order.
 
-    Plain reading: the manifest's shard list and webdataset's raw tar samples, then `decode` (raw sample
+    Plain reading: the catalog's shard list (`plain_shards`) and webdataset's raw tar samples, then `decode` (raw sample
     -> sample; default `precompute.reader.decode_sample`, which never unpickles). `keys`: only the samples
     with these source keys, returned in that order (KeyError for a missing one); `limit`: at most that many.
     """
@@ -60,8 +60,7 @@ def read_cache(cache: str | Path, split: str | None = "train", keys: list[str] |
     from precompute import format as fmt
     from precompute.reader import decode_sample
 
-    manifest = json.loads((Path(cache) / fmt.MANIFEST_NAME).read_text())
-    urls = [str(Path(cache) / s["name"]) for s in manifest["shards"] if split is None or s["split"] == split]
+    urls = [str(Path(cache) / s["name"]) for s in plain_shards(cache, split)]
     wanted = None if keys is None else set(keys)
     read: list[tuple[str, dict]] = []  # (source key, sample), duplicates kept
     for raw in wds.WebDataset(urls, shardshuffle=False, nodesplitter=lambda u: u):
@@ -74,6 +73,24 @@ def read_cache(cache: str | Path, split: str | None = "train", keys: list[str] |
         return [sample for _, sample in read]
     by_key = dict(read)
     return [by_key[key] for key in keys]
+
+
+def plain_shards(cache: str | Path, split: str | None = None) -> list[dict]:
+    """The shards of a local cache (of one split, or all) as a reader without project code finds them: manifest.json
+    names the unit catalog, whose lines give each unit's shards (docs/cache-format.md); in catalog order, each as
+    {name, split, count, bytes, sha256, index: {name, bytes, sha256}}."""
+    import json
+
+    manifest = json.loads((Path(cache) / "manifest.json").read_text())
+    shards = []
+    for line in (Path(cache) / manifest["catalog"]["name"]).read_text().splitlines():
+        unit = json.loads(line)
+        for chunk, (count, size, sha256, index_size, index_sha256, *_) in enumerate(unit["shards"]):  # *_: buckets
+            name = f"{unit['split']}-{unit['unit']}-{chunk:03d}.tar"
+            shards.append({"name": name, "split": unit["split"], "count": count, "bytes": size, "sha256": sha256,
+                           "index": {"name": name[: -len(".tar")] + ".idx.json", "bytes": index_size,
+                                     "sha256": index_sha256}})
+    return [s for s in shards if split is None or s["split"] == split]
 
 
 def first_train_batch(cache: str | Path) -> list[str]:
@@ -132,14 +149,18 @@ def reindex(cache: Path, names: list[str] | None = None) -> Path:
     (default all) with `shard_index.scan_tar` and rewrite their manifest entries (count, bytes, sha256,
     index) and the totals, as precompute would have written them for these bytes."""
     import dataclasses
-    import json
 
     from precompute import format as fmt
+    from precompute import reader
+    from precompute.catalog import catalog_entry
+    from precompute.manifest import write_manifest
     from precompute.shard_index import index_name, scan_tar, sha256_hex
 
-    manifest = fmt.Manifest.from_dict(json.loads((cache / fmt.MANIFEST_NAME).read_text()))
+    manifest = reader.read_manifest(str(cache))
+    catalog = reader.read_catalog(str(cache), manifest)
     entries = []
-    for entry in manifest.shards:
+    for row in range(len(catalog.shards)):
+        entry = catalog.shards.entry(row)
         if names is None or entry.name in names:
             data = (cache / entry.name).read_bytes()
             index = scan_tar(data, entry.name)
@@ -148,9 +169,14 @@ def reindex(cache: Path, names: list[str] | None = None) -> Path:
             entry = dataclasses.replace(entry, count=len(index), bytes=len(data), sha256=sha256_hex(data),
                                         index=fmt.IndexEntry(index_name(entry.name), len(raw), sha256_hex(raw)))
         entries.append(entry)
-    manifest = dataclasses.replace(manifest, shards=tuple(entries),
-                                   totals=fmt.Totals.of(tuple(entries), manifest.totals.skipped))
-    (cache / fmt.MANIFEST_NAME).write_text(json.dumps(manifest.to_dict(), indent=1))
+    data = b"".join(catalog.lines(entries))
+    split = {name: fmt.SplitTotals(sum(e.count for e in entries if e.split == name),
+                                   sum(1 for e in entries if e.split == name),
+                                   sum(e.bytes for e in entries if e.split == name)) for name in fmt.SPLITS}
+    old = manifest.catalog
+    manifest = dataclasses.replace(manifest, catalog=catalog_entry(data, old.units, old.shards, old.reports),
+                                   totals=fmt.Totals.of(split, manifest.totals.skipped))
+    write_manifest(str(cache), manifest, data)
     return cache
 
 
@@ -274,3 +300,16 @@ def s3_bucket(s3_server, request) -> str:
     name = "test-" + hashlib.sha256(request.node.nodeid.encode()).hexdigest()[:20]  # bucket names: 3-63 chars
     fsspec.filesystem("s3", skip_instance_cache=True).mkdir(name)
     return f"s3://{name}"
+
+
+@pytest.fixture(scope="session")
+def configs_only(tiny_models, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """The tiny models' folders without a single weight file (configs, tokenizer, processor, scheduler): what
+    `--dry_run` may read."""
+    import shutil
+
+    root = tmp_path_factory.mktemp("configs_only")
+    for folder in tiny_models:
+        shutil.copytree(folder, root / folder.name, ignore=shutil.ignore_patterns("*.safetensors", "*.bin", "*.pt*"))
+    assert not any(p.suffix in (".safetensors", ".bin") for p in root.rglob("*"))
+    return root / tiny_models[0].name, root / tiny_models[1].name

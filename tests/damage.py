@@ -9,14 +9,13 @@ checks (dtype, shape, finiteness, members) can catch it. *Byte* damage changes a
 from __future__ import annotations
 
 import io
-import json
 import shutil
 import tarfile
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-from conftest import reindex
+from conftest import plain_shards, reindex
 
 from precompute import format as fmt
 from precompute.shard_index import ShardIndex, index_name
@@ -32,12 +31,8 @@ def copy_cache(cache: Path, out: Path) -> Path:
 
 def first_train_shard(cache: Path) -> str:
     """The file name of the training shard the damage helpers edit: the one holding the most records
-    (the first by name among equals). Not simply the first by name: shard names hold unit ids, which hash
-    the inputs' modification times, and the sample data is written anew each test session, so the
-    name order changes between sessions while the unit sizes do not."""
-    manifest = json.loads((cache / fmt.MANIFEST_NAME).read_text())
-    train = [s for s in manifest["shards"] if s["split"] == fmt.TRAIN_SPLIT]
-    return min(train, key=lambda s: (-s["count"], s["name"]))["name"]
+    (the first by name among equals), so that positions up to 15 exist whatever the unit layout."""
+    return min(plain_shards(cache, fmt.TRAIN_SPLIT), key=lambda s: (-s["count"], s["name"]))["name"]
 
 
 def records(path: Path) -> list[tuple[str, Members]]:
@@ -130,7 +125,7 @@ def foreign_shard(cache: Path, other: Path, with_index: bool) -> str:
 def other_cache(cache: Path, out: Path) -> Path:
     """Another valid cache with the same shard names and sizes: every image embedding negated."""
     copy_cache(cache, out)
-    for entry in json.loads((out / fmt.MANIFEST_NAME).read_text())["shards"]:
+    for entry in plain_shards(out):
         path = out / entry["name"]
         items = [(key, edit_array(fmt.IMAGE_EMBEDS, np.negative)(members)) for key, members in records(path)]
         write_records(path, items)

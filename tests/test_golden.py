@@ -38,10 +38,13 @@ def test_golden_files_decode_to_the_synthetic_values():
     np.testing.assert_array_equal(reader.zero_image_embeds(manifest), unconditional.zero_image.image_embeds)
     assert [p["prompt"] for p in reader.validation_prompts(manifest)] == [PROMPT]
     assert list(reader.read_report(str(GOLDEN), manifest)) == [fmt.Skip(**SKIPPED)]
-    assert manifest.reports == (fmt.report_name(UNIT),) and manifest.units == (UNIT,)
+    catalog = reader.read_catalog(str(GOLDEN), manifest)
+    assert catalog.report_names() == [fmt.report_name(UNIT)] and catalog.unit_ids() == [UNIT]
+    assert manifest.catalog.name == fmt.catalog_name(manifest.catalog.sha256)
     assert (manifest.totals.images, manifest.totals.skipped) == (len(expected_records()) + 1, 1)
     expected = expected_records()
-    (shard,) = manifest.shards_of(fmt.TRAIN_SPLIT)
+    assert len(catalog.shards) == len(catalog.shards.of_split(fmt.TRAIN_SPLIT)) == 1
+    shard = catalog.shards.entry(0)
     data = (GOLDEN / shard.name).read_bytes()
     assert shard.name == fmt.shard_name(fmt.TRAIN_SPLIT, UNIT, 0) and shard.count == len(expected)
     assert (shard.bytes, shard.sha256) == (len(data), hashlib.sha256(data).hexdigest())

@@ -13,7 +13,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 # The cache format as readers see it: these modules may import each other, never the writer side.
-READER_SIDE = {"precompute.npy", "precompute.format", "precompute.reader", "precompute.shard_index"}
+READER_SIDE = {"precompute.npy", "precompute.format", "precompute.reader", "precompute.shard_index",
+               "precompute.catalog", "precompute.jsonrecord"}
 
 
 def imported_modules(path: Path, modules: set[str], package: str) -> set[str]:

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 import webdataset as wds
-from conftest import first_train_batch, read_cache, run_precompute
+from conftest import first_train_batch, plain_shards, read_cache, run_precompute
 from PIL import Image
 
 from precompute import format as fmt
@@ -135,7 +135,7 @@ def test_manifest_contents(tiny_cache, sample_data):
     assert len(manifest["unconditional"]["zero_image"]["image_embeds"]) == 32
     assert [p["prompt"] for p in manifest["validation_prompts"]] == [
         "a red circle on a blue background", "a green square on a white background"]
-    for shard in manifest["shards"]:  # bytes and sha256 describe the published file
+    for shard in plain_shards(tiny_cache):  # bytes and sha256 describe the published file
         data = (tiny_cache / shard["name"]).read_bytes()
         assert len(data) == shard["bytes"]
         assert __import__("hashlib").sha256(data).hexdigest() == shard["sha256"]
@@ -147,7 +147,9 @@ def test_manifest_contents(tiny_cache, sample_data):
     # Benchmark figures (padded-layout sizes) are the benchmark's to compute, not the product's.
     assert set(manifest["totals"]) == {"images", "samples", "skipped", "unreadable", "other", "train", "validation",
                                        "shards", "bytes", "bytes_per_sample"}
-    assert manifest["totals"]["images"] == 64 and manifest["reports"] == [] and len(manifest["units"]) >= 5
+    catalog = manifest["catalog"]  # the units and their shards, one line per unit (docs/cache-format.md)
+    assert manifest["totals"]["images"] == 64 and catalog["reports"] == 0 and catalog["units"] >= 5
+    assert catalog["shards"] == len(plain_shards(tiny_cache)) == manifest["totals"]["shards"]
 
 
 def test_padded_layout_size_from_text_lengths_and_shapes(tiny_cache, monkeypatch, capsys):
@@ -205,7 +207,8 @@ def test_stream_factory_gives_the_batches_precompute_encoded(tiny_models, sample
             assert batch.clip_pixel_values.shape[0] == len(batch.samples)
         for sample in batch.samples:
             seen.setdefault(sample.unit, []).append(sample.meta["key"])
-    assert list(seen) == [u.id for u in plan.units] == list(manifest.units)
+    assert list(seen) == [u.id for u in plan.units]
+    assert sorted(seen) == sorted(reader.read_catalog(str(tiny_cache), manifest).unit_ids())
     for unit in plan.units:
         (url,) = [u for u in reader.shard_urls(manifest, str(tiny_cache), unit.split) if unit.id in u]
         raws = wds.WebDataset(url, shardshuffle=False, nodesplitter=lambda x: x)

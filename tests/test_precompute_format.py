@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+from conftest import plain_shards
 
 from precompute import format as fmt
 from precompute import reader
@@ -23,10 +24,13 @@ def test_typed_reader_api_agrees_with_the_json_file(tiny_cache):
     location = str(tiny_cache)
     typed, plain = reader.read_manifest(location), json.loads((tiny_cache / fmt.MANIFEST_NAME).read_text())
     assert plain == typed.to_dict()
+    table = reader.read_catalog(location, typed).shards
     for split in fmt.SPLITS:
-        names = [s["name"] for s in plain["shards"] if s["split"] == split]
-        assert [u.rsplit("/", 1)[-1] for u in reader.shard_urls(typed, location, split)] == names
-        assert reader.split_count(typed, split) == sum(s["count"] for s in plain["shards"] if s["split"] == split)
+        shards = plain_shards(tiny_cache, split)
+        assert [u.rsplit("/", 1)[-1] for u in reader.shard_urls(typed, location, split)] == [s["name"] for s in shards]
+        assert reader.split_count(typed, split) == sum(s["count"] for s in shards)
+        of_split = table.of_split(split)
+        assert [of_split.entry(row).to_dict() for row in range(len(of_split))] == shards
     assert typed.count(fmt.TRAIN_SPLIT) == 56 and typed.count(fmt.VALIDATION_SPLIT) == 8
     empty = reader.unconditional_text(typed)
     assert empty["text_embeds"].shape == (32,) and empty["text_hidden"].shape == (2, 32)  # start + end tokens

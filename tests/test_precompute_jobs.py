@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import read_cache, run_precompute
+from conftest import plain_shards, read_cache, run_precompute
 from PIL import Image
 
 from precompute import format as fmt
@@ -57,8 +57,7 @@ def test_sigkill_then_rerun_finishes_without_loss_or_duplicates(tiny_models, sam
     assert first_shard.stat().st_mtime_ns == stamp, "a published unit was encoded again"
     keys = shard_keys(out)
     assert sorted(keys) == sorted(sample_data["keys"]) and len(keys) == len(set(keys))
-    manifest = json.loads((out / "manifest.json").read_text())
-    for shard in manifest["shards"]:
+    for shard in plain_shards(out):
         assert hashlib.sha256((out / shard["name"]).read_bytes()).hexdigest() == shard["sha256"]
     assert not list(out.glob("*.tmp-*")), "temporary files of the killed run are left behind"
 
@@ -101,16 +100,16 @@ def test_bad_inputs_are_skipped_and_reported(tiny_models, sample_data, tmp_path,
 
 
 def test_fp16_overflow_skips_the_sample(tiny_models, sample_data, tmp_path, monkeypatch):
-    import precompute.main as job
+    import precompute.pipeline as job
 
-    real = job.encode_batch
+    real = job.per_sample
 
-    def huge_first(batch, models, config):  # a value no fp16 can hold, in the first sample only
-        rows = real(batch, models, config)
+    def huge_first(encoded, samples):  # a value no fp16 can hold, in the first sample only
+        rows = real(encoded, samples)
         rows[0][fmt.IMAGE_EMBEDS] = rows[0][fmt.IMAGE_EMBEDS] * 0 + np.float32(1e6)
         return rows
 
-    monkeypatch.setattr(job, "encode_batch", huge_first)
+    monkeypatch.setattr(job, "per_sample", huge_first)
     out = tmp_path / "cache"
     assert run_precompute(tiny_models, out, "--max_samples", "4", "--batch_size", "4",
                           source=["--train_data_dir", str(sample_data["imagefolder"])]) == 0
@@ -228,7 +227,7 @@ def test_encode_decoder_loads_no_text_encoder_and_omits_text_members(tiny_models
                           source=["--train_data_dir", str(sample_data["imagefolder"])]) == 0
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["unconditional"]["empty_caption"] is None
-    with tarfile.open(out / manifest["shards"][0]["name"]) as tar:
+    with tarfile.open(out / plain_shards(out)[0]["name"]) as tar:
         members = {m.name.split(".", 1)[1] for m in tar.getmembers()}
     assert members == {fmt.CAPTIONS, fmt.IMAGE_EMBEDS, fmt.LATENTS, fmt.META}
 
@@ -242,7 +241,7 @@ def test_encode_prior_loads_no_movq_and_omits_latents(tiny_models, sample_data, 
                           source=["--train_data_dir", str(sample_data["imagefolder"])]) == 0
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["shapes"]["latents"] is None
-    with tarfile.open(out / manifest["shards"][0]["name"]) as tar:
+    with tarfile.open(out / plain_shards(out)[0]["name"]) as tar:
         members = {m.name.split(".", 1)[1] for m in tar.getmembers()}
     assert members == {fmt.CAPTIONS, fmt.TEXT_EMBEDS, fmt.TEXT_HIDDEN, fmt.TEXT_LENGTHS, fmt.IMAGE_EMBEDS, fmt.META}
 

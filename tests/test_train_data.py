@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import itertools
 from collections import Counter
-import json
 import logging
 import pickle
 import shutil
@@ -14,10 +14,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import webdataset as wds
-from conftest import reindex
+from conftest import plain_shards, reindex
 
 from precompute import format as fmt
 from precompute import reader
+from precompute.catalog import catalog_entry, catalog_line
+from precompute.manifest import write_manifest
 from precompute.verify import RecordReader
 from train.loader import KEYS, ResumableLoader, build_loader
 from train.order import EpochOrder
@@ -149,7 +151,7 @@ def test_explicit_shard_urls_use_the_manifest_counts(tiny_cache, tmp_path):
     names = sorted(p.name for p in tiny_cache.glob("train-*.tar"))
     pattern = str(tiny_cache / ("{" + ",".join(names[:2]) + "}"))
     source = resolve_source([pattern])
-    counts = {s["name"]: s["count"] for s in json.loads((tiny_cache / fmt.MANIFEST_NAME).read_text())["shards"]}
+    counts = {s["name"]: s["count"] for s in plain_shards(tiny_cache)}
     assert [Path(s.url).name for s in source.train] == names[:2]
     assert [s.count for s in source.train] == [counts[name] for name in names[:2]]
     assert len(resolve_source([str(tiny_cache / "train-*.tar")]).train) == len(names)
@@ -166,10 +168,10 @@ def test_shard_members_are_never_unpickled(tiny_cache, tmp_path, monkeypatch):
     monkeypatch.setattr(pickle, "load", lambda *a, **k: calls.append(a) or None)
     cache = tmp_path / "cache"
     cache.mkdir()
-    manifest = json.loads((tiny_cache / fmt.MANIFEST_NAME).read_text())
-    first = next(s for s in manifest["shards"] if s["split"] == fmt.TRAIN_SPLIT)
-    manifest["shards"] = [first]
-    (cache / fmt.MANIFEST_NAME).write_text(json.dumps(manifest))
+    manifest = reader.read_manifest(str(tiny_cache))
+    first = plain_shards(tiny_cache, fmt.TRAIN_SPLIT)[0]  # a cache of this one shard
+    line = catalog_line(first["name"].split("-")[1], fmt.TRAIN_SPLIT, False, [fmt.ShardEntry.from_dict(first)])
+    write_manifest(str(cache), dataclasses.replace(manifest, catalog=catalog_entry(line, 1, 1, 0)), line)
     with wds.TarWriter(str(cache / first["name"]), encoder=False, mtime=0) as writer:
         for raw in wds.WebDataset(str(tiny_cache / first["name"]), shardshuffle=False, nodesplitter=lambda u: u):
             payload = io.BytesIO()
@@ -180,7 +182,7 @@ def test_shard_members_are_never_unpickled(tiny_cache, tmp_path, monkeypatch):
     source = resolve_source([str(cache)])
     loader = build_loader(source, seed=0, rank=0, world_size=1, num_workers=0, batch_size=4, shuffle_buffer=4,
                           members=TRAIN_MEMBERS, transform=PriorSampleTransform(),
-                          collate=PriorCollate(manifest["shapes"]["max_length"]))
+                          collate=PriorCollate(manifest.shapes.max_length))
     batch = next(loader)
     assert set(batch) == {"image_embeds", "text_embeds", "text_hidden", "text_mask", KEYS} and not calls
     assert "evil.pyd" not in reader.decode_sample({"evil.pyd": b"\x80\x04K\x01."})

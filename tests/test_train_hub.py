@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -13,6 +14,7 @@ from huggingface_hub import ModelCard
 from test_train_decoder import reset_accelerate
 
 from precompute import reader
+from precompute.catalog import catalog_entry
 from train import hub
 from train.__main__ import main
 from train.card import cache_fingerprint, hub_id, write_model_card
@@ -72,8 +74,11 @@ def test_cache_fingerprint_follows_the_shards_not_the_prompts(tiny_cache):
     fingerprint = cache_fingerprint(manifest)
     assert len(fingerprint) == 64
     assert cache_fingerprint(dataclasses.replace(manifest, validation_prompts=())) == fingerprint
-    shard = dataclasses.replace(manifest.shards[0], sha256="0" * 64)
-    assert cache_fingerprint(dataclasses.replace(manifest, shards=(shard, *manifest.shards[1:]))) != fingerprint
+    assert fingerprint == hashlib.sha256((tiny_cache / manifest.catalog.name).read_bytes()).hexdigest()
+    lines = list(reader.read_catalog(str(tiny_cache), manifest).lines())  # one shard's sha256 changed:
+    lines[0] = lines[0].replace(json.loads(lines[0])["shards"][0][2].encode(), b"0" * 64)
+    changed = catalog_entry(b"".join(lines), manifest.catalog.units, manifest.catalog.shards, manifest.catalog.reports)
+    assert cache_fingerprint(dataclasses.replace(manifest, catalog=changed)) != fingerprint
 
 
 def test_card_metadata_round_trips_with_the_required_keys(tiny_cache, tmp_path):

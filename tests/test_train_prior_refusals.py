@@ -22,10 +22,10 @@ QUICK = ("--max_train_steps", "2")
 
 
 def edited_cache(cache: Path, out: Path, edit) -> Path:
-    """A copy of the cache (shards linked) whose manifest went through `edit(manifest)`."""
+    """A copy of the cache (shards, indexes and unit catalog linked) whose manifest went through `edit(manifest)`."""
     out.mkdir()
     for path in cache.iterdir():
-        if path.suffix == ".tar":
+        if path.name != fmt.MANIFEST_NAME:
             os.symlink(path, out / path.name)
     manifest = json.loads((cache / fmt.MANIFEST_NAME).read_text())
     edit(manifest)

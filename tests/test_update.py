@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import read_cache, run_precompute
+from conftest import plain_shards, read_cache, run_precompute
 from PIL import Image
 
 from precompute import format as fmt
@@ -45,13 +45,12 @@ def rows_of(root: Path) -> list[dict]:
 
 def by_source(cache: Path) -> dict[str, dict]:
     """Every record of a cache by source (`source` or `source#member`), with its split (from its shard)."""
-    manifest = json.loads((cache / fmt.MANIFEST_NAME).read_text())
     out = {}
     for split in fmt.SPLITS:
         for sample in read_cache(cache, split):
             meta = sample[fmt.META]
             out[meta["source"] + (f"#{meta['member']}" if meta.get("member") else "")] = {**sample, "split": split}
-    assert sum(s["count"] for s in manifest["shards"]) == len(out), "a sample cached twice"
+    assert sum(s["count"] for s in plain_shards(cache)) == len(out), "a sample cached twice"
     return out
 
 
@@ -119,8 +118,9 @@ def test_edited_caption_and_added_images_are_refused_then_updated(tiny_models, s
     assert "0 changed, 0 added, 1 removed" in run(tiny_models, cache, capsys, source=source)[1]
     assert run(tiny_models, cache, capsys, "--update", source=source)[0] == 0
     assert removed not in by_source(cache) and len(by_source(cache)) == 15
-    assert not list(cache.glob("*.tmp-*")) and len(list((cache / "_progress").glob("unit-*.json"))) == len(
-        json.loads((cache / fmt.MANIFEST_NAME).read_text())["units"])  # the old units are gone
+    assert not list(cache.glob("*.tmp-*")) and len(list((cache / "_progress").glob("unit-*.json"))) == (
+        json.loads((cache / fmt.MANIFEST_NAME).read_text())["catalog"]["units"])  # the old units are gone
+    assert len(list(cache.glob("units-*.jsonl"))) == 1  # and the old catalog
 
 
 def test_a_glob_that_now_matches_a_tar_sorting_first_is_refused_then_updated(tiny_models, sample_data, tmp_path,

@@ -80,7 +80,7 @@ def test_prompts_mode_encodes_exactly_as_a_full_run_and_appends(tiny_cache, tmp_
     assert [p.prompt for p in appended.validation_prompts] == [PROMPTS[1], "a blue cat", "a dog"]
     assert appended.validation_prompts[:2] == replaced.validation_prompts
     assert appended.config["validation_prompts"] == [PROMPTS[1], "a blue cat", "a dog"]
-    assert appended.shards == before.shards and appended.encoders == before.encoders
+    assert appended.catalog == before.catalog and appended.encoders == before.encoders  # shards untouched
     assert capsys.readouterr().out.splitlines()[-1].startswith("precompute prompts: 1 prompt(s) encoded, 3 in the cache")
 
 

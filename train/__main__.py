@@ -8,7 +8,7 @@ import sys
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # before transformers is imported
 
-from .config import parse_config  # noqa: E402
+from .config import parse_job  # noqa: E402
 from precompute.launcher import lone_process_problem  # noqa: E402
 from precompute.shard_index import CorruptRecord  # noqa: E402
 from precompute.verify import CorruptShard  # noqa: E402
@@ -41,6 +41,16 @@ def load_objective_class(command: str) -> type:
     return OBJECTIVES[command]
 
 
+def dry_run(command: str, config, options) -> int:
+    """`--dry_run` (train/dry_run.py): print the estimate; 0, or 2 with one line for an unreadable cache or config."""
+    from .dry_run import main as estimate
+
+    try:
+        return estimate(command, config, options)
+    except (ValueError, OSError, CorruptShard) as exc:
+        return fail(command, exc, 2)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parse the command and its flags, train (and push to the hub), and return the exit code.
 
@@ -57,9 +67,11 @@ def main(argv: list[str] | None = None) -> int:
     objective_class = load_objective_class(command)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     try:
-        config = parse_config(objective_class.config_class, flags, prog=f"{program()} {command}")
+        config, options = parse_job(objective_class.config_class, flags, prog=f"{program()} {command}")
         if problem := lone_process_problem():  # a launcher's lone process: it would train alone, silently
             raise ValueError(problem)
+        if options.dry_run:
+            return dry_run(command, config, options)
         repo_id = create_hub_repo(config) if config.push_to_hub and is_main_rank() else None
     except (ValueError, HubError) as exc:  # a flag value refused by the config; the hub refusing the repository
         return fail(command, exc, 2)

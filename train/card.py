@@ -11,8 +11,6 @@ used (also when chosen through `accelerate launch`) and the main flags.
 from __future__ import annotations
 
 import glob
-import hashlib
-import json
 import os
 import re
 from typing import Any
@@ -54,10 +52,10 @@ def hub_id(name_or_path: str) -> str:
 
 
 def cache_fingerprint(manifest: fmt.Manifest) -> str:
-    """sha256 of the cache's shard list (name, split, count, sha256 of each shard): what the model was
-    trained on. Stable when only the manifest's validation prompts change."""
-    shards = sorted((s.name, s.split, s.count, s.sha256) for s in manifest.shards)
-    return hashlib.sha256(json.dumps(shards).encode()).hexdigest()
+    """sha256 of the cache's unit catalog (precompute/catalog.py: the units and the name, split, count, size and
+    sha256 of each shard): what the model was trained on. Stable when only the manifest's validation prompts
+    change."""
+    return manifest.catalog.sha256
 
 
 def latest_grids(output_dir: str) -> list[str]:

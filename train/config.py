@@ -15,6 +15,8 @@ import sys
 from dataclasses import dataclass, field
 from typing import Literal, Optional, TypeVar
 
+from precompute.cost import DryRunOptions
+
 from .cpu_heap import MAX_THRESHOLD_KB
 
 CONFIG_NAME = "train_config.json"
@@ -339,7 +341,13 @@ def refuse_data_flags(argv: list[str]) -> None:
 
 
 def parse_config(config_class: type[C], argv: list[str] | None = None, prog: str | None = None) -> C:
-    """Parse flags into `config_class` (`--help` lists every field with its help string).
+    """Parse flags into `config_class`; the --dry_run flags are accepted and ignored (see `parse_job`)."""
+    return parse_job(config_class, argv, prog)[0]
+
+
+def parse_job(config_class: type[C], argv: list[str] | None = None, prog: str | None = None
+              ) -> tuple[C, DryRunOptions]:
+    """Parse flags into `config_class` and the --dry_run options (`--help` lists every field with its help string).
 
     Raises DataFlagError for a diffusers data flag (see `DATA_FLAGS`) and ValueError for a value the
     config refuses; argparse exits (code 2) for an unknown flag or a malformed value. A `--local_rank`
@@ -351,8 +359,9 @@ def parse_config(config_class: type[C], argv: list[str] | None = None, prog: str
     refuse_data_flags(argv)
     epilog = ("The diffusers scripts' data flags (" + ", ".join(f"--{name}" for name in DATA_FLAGS) + ") are "
               "flags of precompute: the data is encoded once into a cache, which --shards names.")
-    parser = HfArgumentParser(config_class, description=config_class.__doc__, prog=prog, epilog=epilog)
-    (config,) = parser.parse_args_into_dataclasses(args=argv)
+    parser = HfArgumentParser((config_class, DryRunOptions), description=config_class.__doc__, prog=prog,
+                              epilog=epilog)
+    config, options = parser.parse_args_into_dataclasses(args=argv)
     if config.local_rank != -1 and "LOCAL_RANK" not in os.environ:
         os.environ["LOCAL_RANK"] = str(config.local_rank)
-    return config
+    return config, options
