@@ -36,8 +36,10 @@ class TrainerSections:
 
     def timing(self, sides: list[Side], ratios: list[tuple[str, str]], count: bool = True,
                steps: int | None = None) -> dict:
+        # No FLOP counting with --torch_compile: a first call under FlopCounterMode (a dispatch mode) makes
+        # dynamo skip the trainee's frame for good, so the "compiled" side would run eagerly (measured).
         return alternate(sides, repeats=self.p.repeats, steps=steps or self.p.steps, warmup=self.p.warmup,
-                         device=self.device, ratios=ratios, log=self.log, count=count)
+                         device=self.device, ratios=ratios, log=self.log, count=count and not self.args.torch_compile)
 
     def compare(self, command: str, setting: Setting, with_77: bool = False) -> dict:
         """Lean vs reference (and, for the prior, the 77-token lean step) at one batch setting, interleaved;
