@@ -5,11 +5,14 @@ Sections (all by default; `--sections` picks some), each timing its contenders i
   precompute  `python -m precompute` end to end vs the bare forward passes of the same encoders on
               the same preprocessed batches held in memory (images/s). Its last cache feeds the rest.
   cache       bytes/sample of the prior and decoder records vs the padded 77-token fp16 layout.
-  prior       lean prior step from shards, trimmed to the longest caption vs the exact 77-token
-              forward vs a re-implementation of the diffusers reference step (CLIP text + CLIP
-              vision on raw captions/images every step, its preprocessing in a DataLoader).
+  prior       lean prior step from shards (the loop's own step: train/step.py), trimmed to the longest
+              caption, vs the exact 77-token forward vs a re-implementation of the diffusers
+              reference step (CLIP text + CLIP vision on raw captions/images every step, its
+              preprocessing in a DataLoader, its own torch AdamW); at the preset batch and at each
+              --batch_settings (default: the guide's batch 1 x accumulation 4, and batch 4), with the
+              lean step broken into data / forward / backward / optimizer / other.
   decoder     lean decoder step (cached latents + image_embeds) vs the reference step (MoVQ encode +
-              CLIP vision every step, image preprocessing included).
+              CLIP vision every step, image preprocessing included), at the same settings.
   stream      each lean trainer streaming shards from disk vs the same step replaying the very same
               batches from memory (does the data path hold the device back?), and the share of the
               streaming step its readers spent verifying records (timed inside the readers).
@@ -19,6 +22,8 @@ Sections (all by default; `--sections` picks some), each timing its contenders i
               parameters, speed and peak memory (scripts/bench_lora.py).
   update      (only when named in --sections) `precompute --update` after 1% new images on a cache of
               2,000 tiny-model images vs the fresh run (scripts/bench_update.py, which also runs alone).
+  blackbox    (only with --reference_script PATH) `python -m train` itself vs the diffusers script
+              itself, whole processes, per-step time from two run lengths (scripts/bench_blackbox.py).
 
 Sizes: tiny (smoke test), small (CPU: ~3 M prior, ~25 M UNet), full (the published architectures
 with random weights, for a GPU in bf16; see scripts/gpu_bench.sh). Writes OUT/results.json (every
@@ -39,71 +44,27 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 SCRIPTS = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [SCRIPTS, os.path.dirname(SCRIPTS)]  # sibling modules, and the repo's packages without install
 
-import argparse  # noqa: E402
-import dataclasses  # noqa: E402
 import datetime  # noqa: E402
 import gc  # noqa: E402
 import json  # noqa: E402
-import statistics  # noqa: E402
 import time  # noqa: E402
 import traceback  # noqa: E402
-from collections import deque  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import bench_setup as setup  # noqa: E402
 import torch  # noqa: E402
-from bench_timing import Side, alternate, peak_flops  # noqa: E402
+from bench_args import OPTIONAL_SECTIONS, SECTIONS, parse_args  # noqa: E402
+from bench_sections import TrainerSections  # noqa: E402
+from bench_timing import peak_flops  # noqa: E402
 
-SECTIONS = ("precompute", "cache", "prior", "decoder", "stream", "memory", "lora")
-OPTIONAL_SECTIONS = ("update",)  # run only when --sections names them
 PRIOR_MEMBERS = ("captions.json", "text_embeds.npy", "text_hidden.npy", "text_lengths.npy", "image_embeds.npy")
 DECODER_MEMBERS = ("image_embeds.npy", "latents.npy")
-DEFAULT_DOC = Path(SCRIPTS).parent / "docs" / "benchmarks.md"
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size", choices=sorted(setup.PRESETS), default="small",
-                        help="model size: tiny (seconds, for the smoke test), small (CPU), full (GPU, bf16)")
-    parser.add_argument("--sections", default=",".join(SECTIONS),
-                        help=f"comma-separated subset of {','.join(SECTIONS + OPTIONAL_SECTIONS)} (default: all "
-                        f"but {','.join(OPTIONAL_SECTIONS)})")
-    parser.add_argument("--out_dir", type=Path, help="work and output folder (default: bench_out/<size>)")
-    parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
-    parser.add_argument("--mixed_precision", choices=("no", "fp16", "bf16"),
-                        help="trainee autocast and frozen-encoder dtype, both sides (default: bf16 on cuda, else no)")
-    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
-    parser.add_argument("--captions", choices=("typical", "sample"), default="typical",
-                        help="typical: sample-data captions lengthened to a log-normal token count (median 16, "
-                        "80%% in 10-25); sample: make_sample_data's own captions (6-12 tokens)")
-    for field in dataclasses.fields(setup.Preset):
-        defaults = ", ".join(f"{size} {getattr(preset, field.name)}" for size, preset in setup.PRESETS.items())
-        parser.add_argument(f"--{field.name}", type=int, help=f"{field.metadata['help']} ({defaults})")
-    parser.add_argument("--update_docs", nargs="?", const=str(DEFAULT_DOC), type=Path,
-                        help="replace this size's block in docs/benchmarks.md (or the given file)")
-    parser.add_argument("--provisional", action="store_true", help="mark the figures provisional (noisy machine)")
-    parser.add_argument("--toy_full", action="store_true",
-                        help="tests only: --size full code path with toy widths (runs on CPU)")
-    args = parser.parse_args(argv)
-    args.sections = [s for s in args.sections.split(",") if s]
-    unknown = set(args.sections) - set(SECTIONS) - set(OPTIONAL_SECTIONS)
-    if unknown:
-        parser.error(f"unknown sections {sorted(unknown)}")
-    args.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    args.mixed_precision = args.mixed_precision or ("bf16" if args.device.type == "cuda" else "no")
-    if args.size == "full" and args.device.type != "cuda" and not args.toy_full:
-        parser.error("--size full builds 5 B parameters: it needs a GPU (see scripts/gpu_bench.sh)")
-    preset = setup.PRESETS[args.size]
-    args.preset = dataclasses.replace(preset, **{f.name: getattr(args, f.name) for f in dataclasses.fields(preset)
-                                                 if getattr(args, f.name) is not None})
-    args.out_dir = args.out_dir or Path("bench_out") / args.size
-    return args
-
-
-class Bench:
+class Bench(TrainerSections):
     """Holds the run's inputs and results; one method per section."""
 
-    def __init__(self, args: argparse.Namespace):
+    def __init__(self, args):
         from accelerate import Accelerator
         from make_tiny_models import parameter_counts
 
@@ -125,7 +86,8 @@ class Bench:
             "size": args.size, "device": self.device.type, "mixed_precision": args.mixed_precision,
             "captions": args.captions, "command": "python scripts/bench.py " + " ".join(sys.argv[1:]),
             "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-            "provisional": args.provisional, "preset": dataclasses.asdict(self.p),
+            "provisional": args.provisional, "preset": setup.preset_dict(self.p),
+            "torch_compile": args.torch_compile, "breakdown_workers": args.breakdown_workers,
             "parameters": parameter_counts(self.prior_dir, self.decoder_dir), "sections": {},
         }
         from bench_report import machine_info
@@ -147,23 +109,6 @@ class Bench:
             shutil.rmtree(self.cache, ignore_errors=True)
             setup.run_precompute(self.precompute_argv(self.cache, None), self.work / "cache.log")
         return self.cache
-
-    def lean_argv(self, command: str, trim_padding: bool = True, extra: tuple[str, ...] = ()) -> list[str]:
-        """`python -m train <command>` flags of a lean side on the benchmark cache, plus `extra` flags."""
-        from bench_steps import lean_argv
-
-        batch = self.p.prior_batch_size if command == "prior" else self.p.decoder_batch_size
-        return [*lean_argv(command, self.ensure_cache(), self.prior_dir, self.decoder_dir, batch, self.p.num_workers,
-                           self.work / "train_out", self.p.resolution, trim_padding), *extra]
-
-    def lean(self, command: str, trim_padding: bool = True, share=None, extra: tuple[str, ...] = ()):
-        from bench_steps import LeanTrainer
-
-        return LeanTrainer(command, self.lean_argv(command, trim_padding, extra), self.accelerator, share)
-
-    def timing(self, sides: list[Side], ratios: list[tuple[str, str]], count: bool = True) -> dict:
-        return alternate(sides, repeats=self.p.repeats, steps=self.p.steps, warmup=self.p.warmup, device=self.device,
-                         ratios=ratios, log=self.log, count=count)
 
     def section_precompute(self) -> dict:
         from bench_precompute import bench_precompute
@@ -195,69 +140,6 @@ class Bench:
             "payload_bytes_per_member": {m: b / n for m, b in sizes["payload"].items()},
             "captions_per_sample": len(sizes["text_lengths"]) / n,
         }
-
-    def section_prior(self) -> dict:
-        from bench_steps import ReferencePrior
-
-        trimmed = self.lean("prior", trim_padding=True)
-        full = self.lean("prior", trim_padding=False, share=trimmed)  # one trainee + AdamW for all three
-        reference = ReferencePrior(self.prior_dir, self.data, self.accelerator, self.p.prior_batch_size,
-                                   self.p.num_workers, self.hf_cache, share=trimmed)
-        sides = [Side("lean_trimmed", trimmed.stream_step, "lean, trimmed"),
-                 Side("lean_77", full.stream_step, "lean, 77 tokens"),
-                 Side("reference", reference.step, "reference")]
-        result = self.timing(sides, [("lean_trimmed", "reference"), ("lean_77", "reference"),
-                                     ("lean_trimmed", "lean_77")])
-        result["mean_text_tokens"] = {"lean_trimmed": statistics.mean(trimmed.text_tokens),
-                                      "lean_77": statistics.mean(full.text_tokens), "reference": 77}
-        result["batch_size"] = self.p.prior_batch_size
-        return result
-
-    def section_decoder(self) -> dict:
-        from bench_steps import ReferenceDecoder
-
-        lean = self.lean("decoder")
-        reference = ReferenceDecoder(self.prior_dir, self.decoder_dir, self.data, self.accelerator,
-                                     self.p.decoder_batch_size, self.p.num_workers, self.p.resolution, self.hf_cache,
-                                     share=lean)
-        result = self.timing([Side("lean", lean.stream_step, "lean"), Side("reference", reference.step, "reference")],
-                             [("lean", "reference")])
-        result.update(batch_size=self.p.decoder_batch_size, resolution=self.p.resolution)
-        return result
-
-    def section_stream(self) -> dict:
-        out = {}
-        for command in ("prior", "decoder"):
-            trainer = self.lean(command)
-            recorded: deque = deque()
-            # the data wait, measured directly inside the streaming steps; the record verification (sha256,
-            # dtype/shape/finiteness checks), timed by the readers themselves (train/loader.py)
-            clock = {"data": 0.0, "total": 0.0, "verify": 0.0, "samples": 0}
-
-            def shards(trainer=trainer, recorded=recorded, clock=clock) -> int:
-                start, verified = time.perf_counter(), trainer.loader.verify_seconds
-                batch = trainer.next_batch()
-                clock["data"] += time.perf_counter() - start
-                clock["verify"] += trainer.loader.verify_seconds - verified
-                recorded.append(batch)
-                samples = trainer.step(batch)
-                clock["total"] += time.perf_counter() - start
-                clock["samples"] += samples
-                return samples
-
-            def memory(trainer=trainer, recorded=recorded) -> int:
-                return trainer.step(recorded.popleft())  # the batch the shards side read: same work, no I/O
-
-            out[command] = self.timing([Side("shards", shards, "streaming shards"),
-                                        Side("memory", memory, "same batches from memory")],
-                                       [("shards", "memory")], count=False)
-            out[command]["data_wait_fraction"] = clock["data"] / clock["total"]
-            out[command]["verify_fraction"] = clock["verify"] / clock["total"]
-            out[command]["verify_us_per_sample"] = 1e6 * clock["verify"] / clock["samples"]
-            del trainer
-            self.accelerator.free_memory()  # the next trainer need not share the device with this one
-            gc.collect()
-        return out
 
     def section_memory(self) -> dict:
         from bench_memory import child_spec, run_child
@@ -314,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
 
         print(RESULT_PREFIX + json.dumps(child_main(json.loads(argv[1]))), flush=True)
         return 0
-    args = parse_args(argv)
+    args = parse_args(argv, __doc__)
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)

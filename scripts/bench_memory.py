@@ -107,7 +107,8 @@ def import_everything(device: torch.device) -> None:
 def child_main(spec: dict) -> dict:
     """Build one side, run `steps` steps, and measure; the parent reads the returned dict."""
     from accelerate import Accelerator
-    from bench_steps import LeanTrainer, ReferenceDecoder, ReferencePrior
+    from bench_reference import ReferenceDecoder, ReferencePrior
+    from bench_steps import LeanTrainer
 
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])

@@ -198,8 +198,9 @@ def render(results: dict) -> str:
            "Libraries: " + ", ".join(f"{k} {v}" for k, v in m["versions"].items() if v) + f", Python {m['python']}  ",
            (f"Batch sizes: prior {p['prior_batch_size']}, decoder {p['decoder_batch_size']} at {p['resolution']} px, "
             f"precompute {p['precompute_batch_size']}; {p['repeats']} repeats × {p['steps']} steps per side after "
-            f"{p['warmup']} warm-up steps; DataLoader workers {p['num_workers']} "
-            f"(precompute {p['precompute_workers']})  ")]
+            f"{p['warmup']} warm-up steps (more steps per repeat at smaller batch settings: as many samples); "
+            f"DataLoader workers {p['num_workers']} (precompute {p['precompute_workers']})"
+            f"{'; lean trainees compiled (torch.compile)' if results.get('torch_compile') else ''}  ")]
     if lengths:
         prior = _lookup(results["sections"], "prior") or {}
         tokens = prior.get("mean_text_tokens", {})
@@ -211,7 +212,9 @@ def render(results: dict) -> str:
         out.append("Parameters: " + ", ".join(f"{k} {v / 1e6:.2f} M" for k, v in results["parameters"].items()))
     out += ["", *speed_table(results), ""]
     from bench_lora import lora_table  # here: bench_lora imports this module's helpers
+    from bench_report_steps import step_tables
 
+    out += step_tables(results)
     for title, table in (("FLOPs", flops_table(results)), ("Memory", memory_table(results)),
                          ("Cache size", cache_table(results)), ("LoRA vs full fine-tune", lora_table(results))):
         if table:

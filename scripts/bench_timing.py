@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from train.compile import compiled_graphs
+
 MATMUL_SIZE = {"cuda": 8192, "cpu": 1024}  # square matmul used to estimate the device's peak FLOP/s
 MATMUL_REPEATS = 10
 
@@ -53,8 +55,12 @@ def count_flops(fn: Callable[[], int]) -> tuple[int, float]:
 
 
 def warm_up(side: Side, steps: int, device: torch.device, count: bool = True) -> None:
-    """Untimed steps (allocator, caches, lazy imports); the first ones also count FLOPs per sample."""
+    """Untimed steps (allocator, caches, lazy imports, torch.compile); the first ones also count FLOPs per sample.
+
+    Records the warm-up's wall time and the graphs it compiled in `side.extra` (excluded from the rates).
+    """
     flops, samples = 0.0, 0
+    start, graphs = time.perf_counter(), compiled_graphs()
     for index in range(steps):
         if count and index < max(steps - 1, 1):  # keep one plain step last: the counter is not free
             n, f = count_flops(side.step)
@@ -62,6 +68,8 @@ def warm_up(side: Side, steps: int, device: torch.device, count: bool = True) ->
         else:
             side.step()
     sync(device)
+    side.extra.update(warmup_s=time.perf_counter() - start, warmup_steps=steps,
+                      graphs_compiled_in_warmup=compiled_graphs() - graphs)
     if samples:
         side.flops_per_sample = flops / samples
 
@@ -79,12 +87,14 @@ def alternate(
 ) -> dict:
     """Time `sides` in turn (A B C A B C ...), `steps` steps each per repeat, after `warmup` steps each.
 
-    Returns {"sides": {name: rate summary + flops}, "ratios": {"a/b": summary of per-repeat ratios}}.
+    Returns {"sides": {name: rate summary + flops + warm-up}, "ratios": {"a/b": summary of per-repeat
+    ratios}, "graphs_compiled_while_timed": torch.compile recompilations during the timed repeats}.
     Rates are samples (or images) per second of wall-clock time, device work included.
     """
     for side in sides:
         warm_up(side, warmup, device, count)
     rates: dict[str, list[float]] = {side.name: [] for side in sides}
+    graphs = compiled_graphs()
     for repeat in range(repeats):
         line = []
         for side in sides:
@@ -96,7 +106,7 @@ def alternate(
             rates[side.name].append(rate)
             line.append(f"{side.name} {rate:.2f}/s")
         log(f"  repeat {repeat + 1}/{repeats}: " + ", ".join(line))
-    out: dict = {"sides": {}, "ratios": {}}
+    out: dict = {"sides": {}, "ratios": {}, "graphs_compiled_while_timed": compiled_graphs() - graphs}
     for side in sides:
         summary = summarize(rates[side.name])
         summary["label"] = side.label or side.name

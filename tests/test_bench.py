@@ -69,6 +69,19 @@ def test_every_section_reports_its_comparisons(tiny_results):
         assert sections["prior"]["sides"][side]["flops_per_sample"] > 0
     tokens = sections["prior"]["mean_text_tokens"]
     assert tokens["lean_77"] == 77 and tokens["lean_trimmed"] < 77
+    # issue 12: the guide's batch 1 x accumulation 4 and batch 4 beside the preset's, each lean vs reference,
+    # and the lean step's breakdown with 0 and 1 DataLoader workers
+    for kind, lean in (("prior", "lean_trimmed"), ("decoder", "lean")):
+        assert set(sections[kind]["settings"]) == {"1x4", "4"} - {str(sections[kind]["batch_size"])}
+        for label, node in [("preset", sections[kind]), *sections[kind]["settings"].items()]:
+            assert set(node["sides"]) >= {lean, "reference"}, (kind, label)
+            check_series(node["ratios"][f"{lean}/reference"], 2)
+            assert set(node["breakdown"]) == {"0", "1"}
+            for summary in node["breakdown"].values():
+                assert set(summary["share"]) == {"data", "forward", "backward", "optimizer", "other"}
+                assert sum(summary["share"].values()) == pytest.approx(1.0)
+                assert summary["share"]["forward"] > 0 and summary["share"]["backward"] > 0
+        assert sections[kind]["settings"]["1x4"]["accumulation"] == 4
 
 
 @pytest.mark.slow
@@ -112,7 +125,8 @@ def test_tables_and_docs_block(tiny_results):
     table = (out / "results.md").read_text()
     for row in ("prior: lean (trimmed) vs reference", "decoder: lean vs reference", "stream (decoder)",
                 "precompute: end to end vs bare encoders", "**Memory**", "**Cache size**", "Captions (typical)",
-                "Record verification", "**LoRA vs full fine-tune**"):
+                "Record verification", "**LoRA vs full fine-tune**", "**Training steps by batch setting**",
+                "**Lean step breakdown"):
         assert row in table
     doc = (out / "benchmarks.md").read_text()
     assert "prose that must survive" in doc and "<!-- bench:tiny:begin -->" in doc and table.strip() in doc
@@ -175,3 +189,20 @@ def test_saved_tensor_meter_counts_activations_not_parameters():
     meter.run(lambda: torch.relu(layer(x)).sum().backward())
     # mm saves its input x (for the weight's gradient) and relu its output [8, 32]; the weight is excluded.
     assert meter.per_step == [x.numel() * 4 + 8 * 32 * 4]
+
+
+def test_batch_settings_and_reference_scripts_are_parsed(tmp_path):
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from bench_args import Setting, parse_setting, reference_kind
+
+    assert parse_setting("1x4") == Setting(1, 4) and parse_setting("4") == Setting(4, 1)
+    assert parse_setting("1x4").label == "1x4" and parse_setting("1x4").samples == 4
+    with pytest.raises(ValueError):
+        parse_setting("0x4")
+    script = tmp_path / "train_text_to_image_decoder.py"
+    script.write_text("")
+    assert reference_kind(script) == "decoder"
+    with pytest.raises(ValueError, match="no such file"):
+        reference_kind(tmp_path / "train_text_to_image_prior.py")
+    with pytest.raises(ValueError, match="must say prior or decoder"):
+        reference_kind(tmp_path / "train.py")

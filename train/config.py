@@ -119,6 +119,12 @@ class TrainConfig:
     gradient_checkpointing: bool = field(
         default=False, metadata={"help": "Recompute each transformer block in the backward pass to save memory."}
     )
+    torch_compile: bool = field(
+        default=False,
+        metadata={"help": "Compile the trainee's forward and backward with torch.compile (inductor). The first "
+                  "steps are slow (compilation; the trimmed prior compiles once more for dynamic lengths). Pays on "
+                  "a GPU; on CPU measure first (docs/benchmarks.md). Needs a C++ compiler on CPU."},
+    )
     report_to: str = field(
         default="tensorboard",
         metadata={"help": "Tracker(s): tensorboard, wandb, comet_ml, all, or none. A tracker that is not "

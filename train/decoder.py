@@ -23,6 +23,7 @@ from precompute import reader
 from .card import hub_id, write_model_card
 from .decoder_config import DecoderTrainConfig
 from .decoder_validation import DecoderValidation
+from .compile import compile_trainee
 from .diffusion import diffusion_mse, draw_noise_and_timesteps, prediction_target
 from .export import export_pipeline
 from .lora import (ADDED_KV_TARGETS, ATTENTION_TARGETS, add_lora, export_trainee, folder_load_line,
@@ -234,7 +235,8 @@ class DecoderObjective(ObjectiveBase):
                                                 loss=training_loss, manifest=source.manifest, device=device)
 
     def train_module(self, model: UNet2DConditionModel) -> torch.nn.Module:
-        return model
+        """The UNet (behind torch.compile with --torch_compile: every batch has one shape)."""
+        return compile_trainee(model, self.config.torch_compile)
 
     def sample_transform(self) -> DecoderSampleTransform:
         return DecoderSampleTransform(self.config.image_dropout, self.zero_image_embeds, self.config.random_flip)

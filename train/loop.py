@@ -26,7 +26,7 @@ from .config import TrainConfig
 from .cpu_heap import limit_cpu_heap_fragmentation
 from .guard import StepGuard
 from .lora import ema_parameters
-from .loader import KEYS, build_loader, micro_batches_per_epoch
+from .loader import build_loader, micro_batches_per_epoch
 from .loss_log import LossLog, read_losses, run_dir
 from .export import draw_loss_curve
 from .frozen import check_frozen_parts
@@ -34,6 +34,7 @@ from .objective import Objective
 from .precision import effective_mixed_precision
 from .readback import ReadBack
 from .source import CacheSource, resolve_source, training_samples
+from .step import Stepper, to_device, train_step  # noqa: F401 (train_step: the loop's step, public here)
 from .storage import prepare_output, publish_run, published, stage_output
 from .trackers import resolve_trackers, tracker_config
 
@@ -54,47 +55,6 @@ def make_loader(config: TrainConfig, objective: Objective, source: CacheSource, 
                         on_corrupt=config.on_corrupt, state=state,
                         bucketing=objective.bucketing(), max_samples=config.max_train_samples,
                         aspect_buckets=objective.aspect_buckets)
-
-
-def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    """The batch with its tensors on `device` (non-blocking); other fields (the sample keys) as they are."""
-    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-
-
-def train_step(accelerator: Accelerator, module: torch.nn.Module, objective: Objective,
-               batch: dict[str, Any], optimizer: torch.optim.Optimizer, lr_scheduler: Any,
-               max_grad_norm: float, guard: StepGuard | None = None) -> torch.Tensor:
-    """One micro-batch of training, exactly as `train` runs it; returns its loss averaged over processes.
-
-    Under `accelerator.accumulate(module)`: the objective's loss on `batch` (a collated batch
-    already on `accelerator.device`), backward, gradient clipping to `max_grad_norm` when the
-    gradients are synchronised (the last micro-batch of an optimisation step), then
-    `optimizer.step()`, `lr_scheduler.step()` and `optimizer.zero_grad()`; accelerate's prepared
-    optimizer and scheduler skip their step on the other micro-batches. `module`, `optimizer` and
-    `lr_scheduler` are the ones `accelerator.prepare` returned. Whether this call completed an
-    optimisation step is `accelerator.sync_gradients` afterwards. With a `guard` (train/guard.py)
-    the loss and the batch's sample keys are recorded and a non-finite step is never applied. The
-    returned loss (a detached scalar on the device) is gathered over processes but not moved to the
-    host: reading it (a device sync) is the caller's choice. Raises whatever the objective's loss or
-    the backward pass raises.
-    """
-    with accelerator.accumulate(module):
-        loss = objective.loss(module, batch)  # scalar
-        accelerator.backward(loss)
-        loss = accelerator.gather(loss.detach()).mean()  # scalar, the same on every process
-        grad_norm = None
-        if accelerator.sync_gradients:
-            grad_norm = accelerator.clip_grad_norm_(module.parameters(), max_grad_norm)
-        update = True
-        if guard is not None:
-            guard.micro_batch(loss, batch.get(KEYS))
-            if accelerator.sync_gradients:
-                update = guard.allow_update(optimizer, grad_norm)
-        if update:
-            optimizer.step()
-        lr_scheduler.step()
-        optimizer.zero_grad()
-    return loss
 
 
 def train(config: TrainConfig, objective: Objective) -> dict[str, Any]:
@@ -184,23 +144,19 @@ def train(config: TrainConfig, objective: Objective) -> dict[str, Any]:
     progress = tqdm(total=max_steps, initial=global_step, desc="steps", disable=not accelerator.is_local_main_process)
     guard = StepGuard(accelerator, optimizer)  # losses and non-finite flags stay on the device until read back
     read_back = ReadBack(accelerator, config, guard, loader, loss_log, progress, steps_per_epoch, losses, nonfinite)
+    step = Stepper(accelerator, module, objective, optimizer, lr_scheduler, guard, read_back,
+                   max_grad_norm=config.max_grad_norm, logging_steps=config.logging_steps, progress=progress,
+                   ema=ema, model=model, global_step=global_step)  # reads back every --logging_steps steps
     history: list[tuple[int, dict]] = []
     with progress, closing(loader):  # closed also when the job stops: a clean last line, no stray workers
         while global_step < max_steps:
-            batch = to_device(next(loader), accelerator.device)
-            train_step(accelerator, module, objective, batch, optimizer, lr_scheduler, config.max_grad_norm, guard)
-            if not accelerator.sync_gradients:
+            if not step(next(loader)):
                 continue
-
-            if ema is not None:
-                ema.step(averaged)
-            global_step += 1
-            guard.end_step(global_step, lr_scheduler.get_last_lr()[0])
-            progress.update(1)
+            global_step = step.global_step
             checkpoint = global_step % config.checkpointing_steps == 0
             validation = validation_steps and global_step % validation_steps == 0 and global_step < max_steps
-            if checkpoint or validation or global_step % config.logging_steps == 0:
-                read_back()  # every step's loss to the host, the trackers and the log; stops on a non-finite one
+            if checkpoint or validation:
+                read_back()  # every step so far reported (and checked) before anything is saved or scored
             if checkpoint:
                 save_checkpoint(accelerator, config, global_step, loader, nonfinite)
             if validation:

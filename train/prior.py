@@ -18,6 +18,7 @@ from precompute import format as fmt
 from precompute import reader
 
 from .card import hub_id, write_model_card
+from .compile import compile_trainee
 from .diffusion import diffusion_mse, draw_noise_and_timesteps, prediction_target
 from .export import export_pipeline
 from .lora import ATTENTION_TARGETS, add_lora, export_trainee, folder_load_line, refuse_adapter_folder
@@ -226,8 +227,9 @@ class PriorObjective(ObjectiveBase):
         Always the same wrapper, so that `training_loss` sees one return type: it trims the padding
         and/or checkpoints if asked, else runs diffusers' own 77-token forward.
         """
-        return TrimmedPrior(model, trim_padding=self.config.trim_padding,
-                            gradient_checkpointing=self.config.gradient_checkpointing)
+        module = TrimmedPrior(model, trim_padding=self.config.trim_padding,
+                              gradient_checkpointing=self.config.gradient_checkpointing)
+        return compile_trainee(module, self.config.torch_compile)  # text length: dynamic from its first change
 
     def sample_transform(self) -> PriorSampleTransform:
         return PriorSampleTransform(self.config.text_dropout, self.empty_text, self.config.random_flip)
