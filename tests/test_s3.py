@@ -71,10 +71,11 @@ def test_precompute_to_s3_resumes_after_a_kill(tiny_models, sample_data, s3_buck
     source = ["--train_data_dir", str(sample_data["imagefolder"])]
     assert run_precompute(tiny_models, url, *flags, source=source) == 0  # one thread, as the killed job ran
     assert run_precompute(tiny_models, tmp_path / "local", *flags, source=source) == 0  # uninterrupted
-    local = {p.name: p.read_bytes() for p in (tmp_path / "local").glob("*-*.*")}  # shards and their indexes
+    local = {p.name: p.read_bytes() for p in (tmp_path / "local").glob("*-*.*")}  # shards, indexes, unit catalog
     remote = {Path(p).name: fs.cat(p) for p in fs.glob(f"{url}/*-*.*")}
-    assert len(local) > 2 and remote == local  # byte for byte
-    assert len(reader.read_manifest(url).shards) == len(local) // 2
+    assert len(local) > 3 and remote == local  # byte for byte
+    shards = reader.read_catalog(url, reader.read_manifest(url)).shards
+    assert 2 * len(shards) + 1 == len(local)  # each shard and its index, and the catalog
 
 
 def test_training_streams_s3_shards_through_dataloader_workers(train_prior, tiny_cache, s3_bucket, tmp_path):
