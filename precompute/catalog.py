@@ -7,6 +7,10 @@ sha256 and row counts the manifest holds (`format.CatalogEntry`). One line per u
 
     {"unit":"0123456789abcdef","split":"train","report":true,"shards":[[COUNT,BYTES,"SHA256",INDEX_BYTES,"INDEX_SHA256"]]}
 
+A sha256 is written as its 32 bytes in unpadded URL-safe base64 (43 characters; `digest_text`): the
+two digests of a shard are most of a line, and base64 takes 2/3 of hex's room (a catalog of 100,000
+shards: docs/benchmarks.md).
+
 A cache made with aspect-ratio buckets adds a sixth element to each shard row: its records' buckets, a
 list of COUNT indices into the manifest's `shapes.buckets` (`format.ShardEntry.buckets`).
 
@@ -20,6 +24,7 @@ imports the format modules only, never the writer.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 from collections.abc import Iterable, Iterator, Sequence
@@ -32,7 +37,19 @@ from .shard_index import index_name
 
 SHARD_FIELDS = ("count", "bytes", "sha256", "index_bytes", "index_sha256")  # a shard row of a catalog line
 UNIT_DTYPE = np.dtype(f"S{fmt.UNIT_ID_CHARS}")  # a unit id, ASCII hex
-DIGEST_BYTES = 32  # a sha256, stored raw as uint8 [N, 32] (hex in the file; numpy "S" types drop trailing zeros)
+DIGEST_BYTES = 32  # a sha256, stored raw as uint8 [N, 32] (base64 in the file; numpy "S" types drop trailing zeros)
+
+
+def digest_text(hexdigest: str) -> str:
+    """A sha256 as the catalog writes it: unpadded URL-safe base64 of its 32 bytes (43 characters)."""
+    return base64.urlsafe_b64encode(bytes.fromhex(hexdigest)).rstrip(b"=").decode()
+
+
+def digest_bytes(text: str) -> bytes:
+    """The 32 bytes of a sha256 written by `digest_text`; ValueError for anything else."""
+    if len(text) != 43:
+        raise ValueError("a sha256 is not 43 base64 characters")
+    return base64.urlsafe_b64decode(text + "=")
 
 
 def catalog_line(unit: str, split: str, report: bool, shards: Sequence[fmt.ShardEntry]) -> bytes:
@@ -42,7 +59,8 @@ def catalog_line(unit: str, split: str, report: bool, shards: Sequence[fmt.Shard
         name = fmt.shard_name(split, unit, chunk)
         if (shard.name, shard.split, shard.index.name) != (name, split, index_name(name)):
             raise ValueError(f"unit {unit}: shard {shard.name} ({shard.split}) is not its chunk {chunk} ({name})")
-    rows = [[s.count, s.bytes, s.sha256, s.index.bytes, s.index.sha256, *([] if s.buckets is None else [s.buckets])]
+    rows = [[s.count, s.bytes, digest_text(s.sha256), s.index.bytes, digest_text(s.index.sha256),
+             *([] if s.buckets is None else [s.buckets])]
             for s in shards]
     line = {"unit": unit, "split": split, "report": bool(report), "shards": rows}
     return json.dumps(line, separators=(",", ":")).encode() + b"\n"
@@ -167,11 +185,11 @@ def parse_catalog(lines: Iterable[bytes], entry: fmt.CatalogEntry, url: str) -> 
                 raise ValueError(f"unit id {unit!r}")
             ids[units], splits[units], reports[units] = unit, split, bool(row["report"])
             for chunk, (count, nbytes, sha, index_bytes, index_sha, *buckets) in enumerate(row["shards"]):
-                digests = bytes.fromhex(sha), bytes.fromhex(index_sha)
+                digests = digest_bytes(sha), digest_bytes(index_sha)
                 if len(buckets) > 1 or (buckets and len(buckets[0]) != count):
                     raise ValueError("a shard row's buckets are not one per record")
                 if any(len(d) != DIGEST_BYTES for d in digests):
-                    raise ValueError("a sha256 is not 64 hex digits")
+                    raise ValueError("a sha256 is not 32 bytes")
                 sha, index_sha = (np.frombuffer(d, np.uint8) for d in digests)
                 values = (unit, chunk, split, count, nbytes, sha, index_bytes, index_sha,
                           np.asarray(buckets[0], np.int16) if buckets else None)

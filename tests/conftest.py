@@ -81,12 +81,15 @@ def plain_shards(cache: str | Path, split: str | None = None) -> list[dict]:
     {name, split, count, bytes, sha256, index: {name, bytes, sha256}}."""
     import json
 
+    import base64
+
     manifest = json.loads((Path(cache) / "manifest.json").read_text())
     shards = []
     for line in (Path(cache) / manifest["catalog"]["name"]).read_text().splitlines():
         unit = json.loads(line)
         for chunk, (count, size, sha256, index_size, index_sha256, *_) in enumerate(unit["shards"]):  # *_: buckets
             name = f"{unit['split']}-{unit['unit']}-{chunk:03d}.tar"
+            sha256, index_sha256 = (base64.urlsafe_b64decode(d + "=").hex() for d in (sha256, index_sha256))
             shards.append({"name": name, "split": unit["split"], "count": count, "bytes": size, "sha256": sha256,
                            "index": {"name": name[: -len(".tar")] + ".idx.json", "bytes": index_size,
                                      "sha256": index_sha256}})
