@@ -7,6 +7,8 @@ those scripts recognises them. The whole config is saved in the cache manifest.
 from __future__ import annotations
 
 import dataclasses
+import os
+import sys
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
@@ -219,7 +221,10 @@ def parse_job(argv: list[str] | None = None) -> tuple[PrecomputeConfig, Precompu
     """Parse command-line flags into a PrecomputeConfig and the --dry_run options (`--help` lists every flag)."""
     from transformers import HfArgumentParser
 
-    parser = HfArgumentParser((PrecomputeConfig, PrecomputeDryRunOptions), description=PrecomputeConfig.__doc__)
+    script = "kandinsky-precompute"  # usage and error lines name the command as typed, not "__main__.py"
+    prog = script if os.path.basename(sys.argv[0]).startswith(script) else "python -m precompute"
+    parser = HfArgumentParser((PrecomputeConfig, PrecomputeDryRunOptions), prog=prog,
+                              description=PrecomputeConfig.__doc__)
     config, options = parser.parse_args_into_dataclasses(args=argv)
     if options.dry_run_samples < 2:
         raise ValueError("--dry_run_samples must be at least 2 (one sample gives no standard error)")

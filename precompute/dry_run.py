@@ -15,6 +15,7 @@ configs on the meta device, the time from one block of each calibrated here or f
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import dataclass
@@ -54,20 +55,28 @@ class Shapes:
     embedding_dim: int
     text_hidden: int | None
     latents: tuple[int, int, int] | None
+    buckets: tuple[fmt.Bucket, ...] | None = None  # --aspect_buckets: a record's latents are its bucket's
 
 
 def record_bytes(captions: list[str], meta: dict, lengths: list[int], shapes: Shapes, config: PrecomputeConfig) -> int:
-    """Bytes of one record in a shard: each member's 512-byte header and its data padded to 512 bytes."""
+    """Bytes of one record in a shard: each member's 512-byte header and its data padded to 512 bytes (the
+    mirrored image's members too under --flip_variants; latents of the record's bucket under --aspect_buckets)."""
     store = fmt.FLOAT_DTYPES[config.dtype]
     sizes = {fmt.CAPTIONS: len(json.dumps(captions).encode()), fmt.META: len(json.dumps(meta).encode()),
              fmt.IMAGE_EMBEDS: _npy((shapes.embedding_dim,), store)}
     if shapes.latents is not None:
-        sizes[fmt.LATENTS] = _npy(shapes.latents, store)
+        latents = shapes.latents if meta.get("bucket") is None else shapes.buckets[meta["bucket"]].latents
+        sizes[fmt.LATENTS] = _npy(tuple(latents), store)
+    if config.flip_variants:  # the mirrored image's members: the same shapes as the original's
+        sizes[fmt.IMAGE_EMBEDS_FLIP] = sizes[fmt.IMAGE_EMBEDS]
+        if fmt.LATENTS in sizes:
+            sizes[fmt.LATENTS_FLIP] = sizes[fmt.LATENTS]
     if shapes.text_hidden is not None:
         sizes[fmt.TEXT_EMBEDS] = _npy((len(captions), shapes.embedding_dim), store)
         sizes[fmt.TEXT_HIDDEN] = _npy((sum(lengths), shapes.text_hidden), store)
         sizes[fmt.TEXT_LENGTHS] = _npy((len(captions),), fmt.LENGTH_DTYPE)
-    return sum(_padded(size) for name, size in sizes.items() if name in fmt.ENCODE_MEMBERS[config.encode])
+    members = fmt.variant_members(fmt.ENCODE_MEMBERS[config.encode], (fmt.FLIP,) if config.flip_variants else ())
+    return sum(_padded(size) for name, size in sizes.items() if name in members)
 
 
 def ratio_total(ys: np.ndarray, ws: np.ndarray, total_w: float, clusters: int) -> tuple[float, float]:
@@ -197,6 +206,11 @@ def estimate(config: PrecomputeConfig, options: cost.DryRunOptions) -> dict:
     """What the job would read, write and compute (see the module doc); the figures `report` prints."""
     plan = make_plan(config)
     shapes, models = encoder_shapes(config)
+    if config.aspect_buckets and shapes.latents is not None:
+        from .buckets import model_buckets
+
+        shapes = dataclasses.replace(shapes, buckets=model_buckets(
+            config.resolution, config.pretrained_decoder_model_name_or_path, models["movq"][0].config, config.cache_dir))
     tokenizer = None
     if shapes.text_hidden is not None:
         from transformers import CLIPTokenizer
@@ -211,7 +225,7 @@ def estimate(config: PrecomputeConfig, options: cost.DryRunOptions) -> dict:
             row[5] += len(item.image or b"")
             try:
                 sample = prepare(item, unit.id, unit.split, config.resolution if shapes.latents else None,
-                                 config.min_image_size, config.max_image_pixels).sample
+                                 config.min_image_size, config.max_image_pixels, shapes.buckets).sample
             except (BadImage, BadCaption):
                 continue
             lengths = enc.tokenize(tokenizer, sample.captions)[1].sum(1).tolist() if tokenizer else []
@@ -235,7 +249,8 @@ def estimate(config: PrecomputeConfig, options: cost.DryRunOptions) -> dict:
                                (min(sizes, default=TAR_BLOCK), max(sizes, default=TAR_BLOCK)), config.samples_per_shard)
     captions = total[4][0] / max(records.value, 1)
     flops = {name: cost.profile(model, call, blocks) for name, (model, call, blocks) in models.items()}
-    per_image = {name: p.flops * (captions if name == "text_encoder" else 1) for name, p in flops.items()}
+    passes = {"text_encoder": captions, "image_encoder": 1 + config.flip_variants, "movq": 1 + config.flip_variants}
+    per_image = {name: p.flops * passes[name] for name, p in flops.items()}  # a mirrored image: a second pass
     if options.dry_run_gpu:
         rate = cost.gpu_rate(options.dry_run_gpu, options.dry_run_mfu)
         seconds = sum(per_image.values()) / rate.flops_per_s

@@ -208,7 +208,8 @@ class CacheWriter:
         """A ShardWriter for (unit, split) whose finished tars are renamed to their final names."""
         if split in state.writers:
             return state.writers[split]
-        pattern = self.path(f"{split}-{unit}-%03d.tar.tmp-{uuid.uuid4().hex[:8]}")
+        # ShardWriter %-formats the whole pattern: a "%" in the output directory must reach it doubled
+        pattern = self.path("").replace("%", "%%") + f"{split}-{unit}-%03d.tar.tmp-{uuid.uuid4().hex[:8]}"
         handles: dict[str, ShardSink] = {}
 
         def opener(fname: str) -> ShardSink:

@@ -6,6 +6,7 @@ One small imagefolder of landscape, portrait and square images, encoded once (fp
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import shutil
@@ -239,3 +240,40 @@ def test_the_decoder_refuses_buckets_its_models_cannot_train():
     assert bucket_problems(good, 8, 4) != []  # a UNet that halves latents twice needs sides of 32 px multiples
     wrong = (fmt.Bucket(48, 96, (4, 12, 6)),)  # latents transposed
     assert "expected [4, 6, 12]" in bucket_problems(wrong, 8, 2)[0]
+
+
+def test_the_dry_run_counts_flip_members_and_bucket_shapes(variant_cache, tiny_models):
+    """The estimate of the variant cache's own flags (every input sampled: no bounds needed) is what it wrote."""
+    from precompute import dry_run
+    from precompute.config import parse_job
+
+    config, options = parse_job([
+        "--pretrained_prior_model_name_or_path", str(tiny_models[0]),
+        "--pretrained_decoder_model_name_or_path", str(tiny_models[1]), "--output_dir", str(variant_cache.parent / "x"),
+        "--resolution", str(RESOLUTION), "--num_workers", "0", "--dtype", "fp32", "--aspect_buckets", "--flip_variants",
+        "--samples_per_shard", "3", "--holdout_samples", "2", "--batch_size", "4",
+        "--train_data_dir", str(variant_cache.parent / "images"), "--dry_run", "--dry_run_samples", "16"])
+    figures = dry_run.estimate(config, options)
+    written = sum(p.stat().st_size for p in variant_cache.glob("*.tar"))
+    assert figures["shard_bytes"].low <= written <= figures["shard_bytes"].high
+    plain = dry_run.estimate(dataclasses.replace(config, flip_variants=False, aspect_buckets=False), options)
+    assert plain["shard_bytes"].high < written  # without counting them the estimate would miss
+    assert figures["flops_per_image"]["movq"] == 2 * plain["flops_per_image"]["movq"]  # the mirrored image's pass
+
+
+def test_the_train_dry_run_counts_steps_as_the_loop_does(variant_cache, tiny_models):
+    """With aspect-ratio buckets each bucket's last batch is whole: more steps than ceil(samples / batch)."""
+    from train import dry_run
+    from train.config import parse_job
+    from train.decoder_config import DecoderTrainConfig
+    from train.loader import micro_batches_per_epoch
+
+    source = resolve_source([str(variant_cache)])
+    batch, loop_steps = next((b, m) for b in (2, 3, 4)  # a batch size at which buckets' last batches add steps
+                             if (m := micro_batches_per_epoch(source, seed=0, world_size=1, batch_size=b,
+                                                              aspect_buckets=True)) > -(-source.num_samples // b))
+    config, options = parse_job(DecoderTrainConfig, [
+        "--shards", str(variant_cache), "--pretrained_decoder_model_name_or_path", str(tiny_models[1]),
+        "--train_batch_size", str(batch), "--num_train_epochs", "2", "--seed", "0", "--dry_run", "--dry_run_gpu", "A100"])
+    figures = dry_run.estimate("decoder", config, options)
+    assert figures["steps_per_epoch"] == loop_steps and figures["steps"] == 2 * loop_steps and figures["epochs"] == 2

@@ -259,3 +259,11 @@ def test_decode_array_equals_np_load(array):
     np.testing.assert_array_equal(decoded, expected)
     with pytest.raises(ValueError):
         fmt.decode_array(data[:-1] if array.size else data[:8])  # truncated
+
+
+def test_an_output_dir_with_percent_signs_is_written_as_named(tiny_models, sample_data, tmp_path):
+    """webdataset's ShardWriter %-formats its pattern: the directory's own "%" must not be read as a format."""
+    out = tmp_path / "run %d 100%"
+    code = run_precompute(tiny_models, out, "--max_samples", "8", "--samples_per_shard", "8",
+                          source=["--train_data_dir", str(sample_data["imagefolder"])])
+    assert code == 0 and sum(s["count"] for s in plain_shards(out)) == 8

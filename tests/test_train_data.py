@@ -222,3 +222,9 @@ def test_another_number_of_processes_is_refused(tiny_cache):
     take(first, 3)
     with pytest.raises(ValueError, match=r"saved by 1 process\(es\), this run has 2: resume with 1"):
         loader(source, world_size=2, state=first.state_dict())
+
+
+def test_a_glob_over_the_whole_cache_names_the_validation_shard(tiny_cache):
+    with pytest.raises(ValueError, match=r"1 shard\(s\) given in --shards are held-out validation shards, e\.g\. .*"
+                                         r"validation-.*\.tar: name training shards only"):
+        resolve_source([str(tiny_cache / "*.tar")])

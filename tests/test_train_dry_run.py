@@ -114,3 +114,16 @@ def test_a_missing_cache_is_one_line(configs_only, tmp_path, capsys):
 def test_an_unknown_gpu_is_refused():
     with pytest.raises(ValueError, match="not one of"):
         cost.gpu_rate("K80", 0.4)
+
+
+def test_a_lora_run_checkpoints_what_the_estimate_says(configs_only, tiny_cache, train_prior, tmp_path):
+    """--rank: only the adapter (and its EMA and AdamW moments) is checkpointed, and the export's trained file is
+    the adapter alone."""
+    flags = ("--max_train_steps", "2", "--checkpointing_steps", "2", "--rank", "4", "--use_ema")
+    figures = _estimate("prior", PriorTrainConfig, configs_only[0], tiny_cache, *flags)
+    assert 0 < figures["trained"] < figures["params"] / 10
+    train_prior(tmp_path / "run", tiny_cache, *flags)
+    checkpoint = sum(p.stat().st_size for p in (tmp_path / "run" / "checkpoint-2").rglob("*") if p.is_file())
+    assert figures["checkpoint_bytes"] <= checkpoint <= figures["checkpoint_bytes"] + dry_run.CHECKPOINT_EXTRA
+    adapter = (tmp_path / "run" / "pytorch_lora_weights.safetensors").stat().st_size
+    assert figures["export_bytes"] <= adapter <= figures["export_bytes"] + 64 * 1024  # + the file's metadata

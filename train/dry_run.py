@@ -28,6 +28,7 @@ from precompute.verify import INDEX_CACHE, LastUsed, read_index
 
 from .config import TrainConfig
 from .loader import has_buckets, record_buckets, subset, usable_shards
+from .lora import ADDED_KV_TARGETS, ATTENTION_TARGETS, add_lora
 from .loop import training_samples
 from .order import EpochOrder, Position
 from .source import CacheSource, resolve_source
@@ -113,6 +114,11 @@ def _decoder_call(model: torch.nn.Module, latents: tuple[int, int, int], embed: 
     return call
 
 
+def lora_targets(command: str) -> tuple[str, ...]:
+    """The objective's default --lora_layers (what its `load_model` passes to `add_lora`)."""
+    return (*ATTENTION_TARGETS, *(ADDED_KV_TARGETS if command == "decoder" else ()))
+
+
 def estimate(command: str, config: TrainConfig, options: cost.DryRunOptions, source: CacheSource | None = None
              ) -> dict:
     """The figures `report` prints (see the module doc). `WORLD_SIZE` from the launcher sets the processes."""
@@ -120,9 +126,6 @@ def estimate(command: str, config: TrainConfig, options: cost.DryRunOptions, sou
     world = int(os.environ.get("WORLD_SIZE", "1"))
     samples = training_samples(config, source)
     per_step = config.train_batch_size * world * config.gradient_accumulation_steps
-    steps_per_epoch = math.ceil(samples / per_step)
-    steps = config.max_train_steps or config.num_train_epochs * steps_per_epoch
-    consumed = steps * per_step
     seed = 0 if config.seed is None else config.seed  # without --seed the run draws one: its order differs a little
     keep = subset(source, config.max_train_samples, seed)
     shards = usable_shards(list(source.train), keep)
@@ -133,17 +136,26 @@ def estimate(command: str, config: TrainConfig, options: cost.DryRunOptions, sou
                        batch_size=config.train_batch_size, chunk_batches=chunk_batches,
                        keep=None if keep is None else [keep[s.url] for s in shards],
                        buckets=record_buckets(shards, source.manifest.shapes) if aspect else None)
+    # as the loop counts them: with aspect-ratio buckets each bucket's last batch is whole
+    steps_per_epoch = math.ceil(order.batches_per_epoch / config.gradient_accumulation_steps)
+    steps = config.max_train_steps or config.num_train_epochs * steps_per_epoch
+    consumed = steps * per_step  # samples trained on, a sample read twice in a wrapped batch counted twice
     sizes, index_bytes = record_sizes(shards)
     chunks = -(-steps * config.gradient_accumulation_steps // chunk_batches)  # micro-batches of a process, in chunks
     *read, extrapolated = read_bounds(order, sizes, index_bytes, world, config.dataloader_num_workers, chunks)
 
     model, call, blocks = trainee(command, config)
+    if getattr(config, "rank", None):  # --rank: the frozen trainee with its adapter, as the objective loads it
+        model = add_lora(model, config, lora_targets(command))
     if call is None:
         shapes = source.manifest.shapes
         call = _decoder_call(model, shapes.latents, shapes.embedding_dim)
     prof = cost.profile(model, call, blocks, backward=True)
     params = sum(p.numel() for p in model.parameters())
-    checkpoint = params * FP32 * (3 + config.use_ema)  # weights, AdamW's exp_avg and exp_avg_sq, EMA
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)  # the adapter's under --rank
+    checkpoint = trained * FP32 * (3 + config.use_ema)  # trained weights, AdamW's exp_avg and exp_avg_sq, EMA
+    # the export's trained weights: the whole trainee, or under --rank the adapter file (the base's are copied)
+    export = (params if not getattr(config, "rank", None) or getattr(config, "merge_lora", False) else trained) * FP32
     saves = steps // config.checkpointing_steps
     kept = saves if config.checkpoints_total_limit is None else min(saves, config.checkpoints_total_limit)
     if options.dry_run_gpu:
@@ -156,10 +168,10 @@ def estimate(command: str, config: TrainConfig, options: cost.DryRunOptions, sou
                          f"{str(dtype).removeprefix('torch.')}): {measured / 1e9:.1f} GFLOP/s")
     return {"command": command, "samples": samples, "shards": len(shards), "world": world, "steps": steps,
             "steps_per_epoch": steps_per_epoch, "samples_per_step": per_step, "consumed": consumed,
-            "epochs": consumed / samples, "read": tuple(read), "read_extrapolated": extrapolated,
-            "read_seed": None if config.seed is not None else seed, "params": params, "flops_per_sample": prof.flops,
+            "epochs": steps / steps_per_epoch, "read": tuple(read), "read_extrapolated": extrapolated,
+            "read_seed": None if config.seed is not None else seed, "params": params, "trained": trained, "flops_per_sample": prof.flops,
             "checkpoint_bytes": checkpoint, "checkpoints": saves, "checkpoints_kept": kept,
-            "export_bytes": params * FP32, "seconds": prof.flops * consumed / world / rate.flops_per_s,
+            "export_bytes": export, "seconds": prof.flops * consumed / world / rate.flops_per_s,
             "rate": rate.how}
 
 
@@ -180,7 +192,9 @@ def report(f: dict) -> list[str]:
         f"  write:   {f['checkpoints']} checkpoint(s) of ~{cost.human_bytes(f['checkpoint_bytes'])} "
         f"({f['checkpoints_kept']} kept), the trained weights ~{cost.human_bytes(f['export_bytes'])} in the pipeline "
         "folder with the base pipeline's other components, logs",
-        f"  compute: {f['params'] / 1e6:.3g} M parameters, {f['flops_per_sample'] / 1e9:.3g} GFLOP per sample "
+        f"  compute: {f['params'] / 1e6:.3g} M parameters"
+        + (f" ({f['trained'] / 1e6:.3g} M trained: the adapter)" if f["trained"] != f["params"] else "")
+        + f", {f['flops_per_sample'] / 1e9:.3g} GFLOP per sample "
         "(forward + backward, as counted by torch.utils.flop_counter"
         + (", prompts at 77 tokens: trimmed batches run fewer)" if f["command"] == "prior" else ")"),
         f"  time:    ~{cost.human_seconds(f['seconds'])} of forward and backward passes per process, at {f['rate']}",

@@ -195,6 +195,11 @@ def resolve_source(shards: list[str], manifest: str | None = None) -> CacheSourc
         rows = table.of_split(fmt.TRAIN_SPLIT).find([posixpath.basename(u) for u in urls])
         unknown = [u for u, row in zip(urls, rows) if row < 0]
         if unknown:
+            held_out = [u for u, row in zip(unknown, table.of_split(fmt.VALIDATION_SPLIT).find(
+                [posixpath.basename(u) for u in unknown])) if row >= 0]
+            if held_out:  # e.g. a glob over the whole cache folder
+                raise ValueError(f"{len(held_out)} shard(s) given in --shards are held-out validation shards, e.g. "
+                                 f"{held_out[0]}: name training shards only (train-*.tar), or the cache folder")
             raise ValueError(f"{len(unknown)} shard(s) are not training shards of the manifest at {location}, "
                              f"e.g. {unknown[0]}: their sample counts are unknown")
         location = reader.cache_root(location)
