@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import logging
 import os
 import posixpath
 import socket
@@ -71,6 +72,9 @@ def _age_s(holder: dict | None) -> float:
     except (TypeError, KeyError, ValueError):
         return float("inf")
     return (datetime.datetime.now(datetime.timezone.utc) - beat).total_seconds()
+
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -139,12 +143,14 @@ def _create_exclusive(lock: JobLock, output_dir: str, retry: bool = True) -> Non
                            f"a lock not refreshed for {STALE_S:.0f} s is taken over") from None
         lock.fs.rm(lock.path)  # its holder stopped refreshing it: dead
         _create_exclusive(lock, output_dir, retry=False)
-    except (NotImplementedError, ValueError, TypeError):
+    except (NotImplementedError, ValueError, TypeError):  # a filesystem with no exclusive create ("xb")
         holder = _read(lock.fs, lock.path)
         if holder is not None and _age_s(holder) < STALE_S:
             raise LockHeld(f"{output_dir} is in use by another precompute job ({_describe(holder)})") from None
         lock.advisory = True
         lock.fs.pipe_file(lock.path, body)
+        logger.warning("%s: this filesystem cannot create a file exclusively, so the job lock is advisory (checked, "
+                       "then written): do not start a second precompute job on this output directory", output_dir)
 
 
 def checker(output_dir: str, job_id: str):

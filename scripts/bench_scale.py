@@ -127,7 +127,7 @@ def measure_worker(stream_path: str) -> dict:
     data = Path(stream_path).read_bytes()
     before, _ = rss()
     reset_peak()
-    stream = pickle.loads(data)
+    stream = pickle.loads(data)  # the ShardStream this script pickled itself (as DataLoader does), never shard bytes
     after, peak = rss()
     return {"worker_added_mb": (after - before) / 2**20, "worker_peak_mb": (peak - before) / 2**20,
             "worker_shards": len(stream.shards)}

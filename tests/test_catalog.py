@@ -78,7 +78,7 @@ def test_trainers_hold_shards_as_columns_and_pickle_them_so(tiny_cache, tmp_path
     assert source.train[-1] == list(source.train)[-1] and len(source.train[1:3]) == 2
     big = ShardList(ShardTable.empty(10_000), [str(tmp_path)])
     assert len(pickle.dumps(big)) < 10_000 * 120  # the columns, not an object per shard
-    assert pickle.loads(pickle.dumps(source.train))[0] == source.train[0]
+    assert pickle.loads(pickle.dumps(source.train))[0] == source.train[0]  # our own object, as DataLoader sends it
 
 
 def test_a_new_catalog_never_replaces_the_one_an_old_manifest_names(tiny_cache, tmp_path):

@@ -152,3 +152,26 @@ def test_precompute_to_s3_is_refused_while_another_job_holds_it(tiny_models, sam
     held.release()
     assert run_precompute(tiny_models, url, "--max_samples", "2", "--encode", "prior",
                           source=["--train_data_dir", str(sample_data["imagefolder"])]) == 0
+
+
+def test_a_filesystem_without_exclusive_create_gets_an_advisory_lock_and_says_so(caplog, monkeypatch):
+    import fsspec
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    real_open = MemoryFileSystem.open
+
+    def no_exclusive(self, path, mode="rb", **kwargs):
+        if mode == "xb":
+            raise NotImplementedError("no exclusive create here")
+        return real_open(self, path, mode, **kwargs)
+
+    monkeypatch.setattr(MemoryFileSystem, "open", no_exclusive)
+    with caplog.at_level("WARNING", logger="precompute.lock"):
+        lock = acquire("memory://advisory-lock/cache")
+    try:
+        assert lock.advisory and "the job lock is advisory" in caplog.text
+        with pytest.raises(LockHeld):  # still checked before it is written
+            acquire("memory://advisory-lock/cache")
+    finally:
+        lock.release()
+        fsspec.filesystem("memory").rm("/advisory-lock", recursive=True)
