@@ -26,6 +26,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from .npy import FormatError
+from .ustar import plain_members
 
 INDEX_SUFFIX = ".idx.json"
 INDEX_FORMAT = "kandinsky22-embedding-cache-shard-index"
@@ -106,22 +107,37 @@ def parse_record(blob: bytes, key: str, url: str) -> dict[str, bytes]:
     """The members of one record's verified bytes: `{member name: bytes}` (names without the key).
 
     Only regular files named `KEY.<member>` are accepted: a link, a directory or another sample's
-    member inside a record is a CorruptRecord, as is a record that is not whole tar members.
+    member inside a record is a CorruptRecord, as is a record that is not whole tar members. Plain
+    ustar records (all that precompute writes) are read by `ustar.plain_members`, any other by
+    `tarfile`, with the same result (precompute/ustar.py says why).
     """
     members: dict[str, bytes] = {}
     try:
-        with tarfile.open(fileobj=io.BytesIO(blob), mode="r:") as tar:
-            for info in tar:
-                prefix, dot, member = info.name.partition(".")
-                if not info.isfile() or prefix != key or not dot or member in members:
-                    raise CorruptRecord(url, key, f"unexpected tar member {info.name!r}")
-                handle = tar.extractfile(info)
-                members[member] = handle.read() if handle is not None else b""
-    except tarfile.TarError as exc:
+        for name, data in _members(blob):
+            prefix, dot, member = name.partition(".")
+            if data is None or prefix != key or not dot or member in members:
+                raise CorruptRecord(url, key, f"unexpected tar member {name!r}")
+            members[member] = data
+    except (tarfile.TarError, OverflowError) as exc:  # OverflowError: tarfile seeking to a base-256 size
         raise CorruptRecord(url, key, f"not a whole tar record ({exc})") from None
     if not members:
         raise CorruptRecord(url, key, "the record holds no member")
     return members
+
+
+def _members(blob: bytes) -> Iterator[tuple[str, bytes | None]]:
+    """(name, data; None for anything but a regular file) of each tar member of `blob`, in order."""
+    plain = plain_members(blob)
+    if plain is not None:
+        yield from plain
+        return
+    with tarfile.open(fileobj=io.BytesIO(blob), mode="r:") as tar:
+        for info in tar:
+            if not info.isfile():
+                yield info.name, None
+                continue
+            handle = tar.extractfile(info)
+            yield info.name, handle.read() if handle is not None else b""
 
 
 def read_records(handle, index: ShardIndex, url: str, positions: Iterable[int] | None = None
