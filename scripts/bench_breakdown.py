@@ -7,7 +7,7 @@ makes (train/step.py), on the instances only (nothing is copied, nothing else ch
              with DataLoader workers only the wait for their next batch)
   forward    `objective.loss`: noise and timestep draw, the trainee's forward, the loss
   backward   `accelerator.backward`
-  optimizer  gradient clipping (`accelerator.clip_grad_norm_`), `optimizer.step` and `zero_grad`
+  optimizer  gradient clipping (`train.clip.clip_gradients`), `optimizer.step` and `zero_grad`
   other      the rest of the step, measured as the step's wall time minus the above: the copy to the
              device, accelerate's accumulate/gather, the non-finite guard, the LR scheduler, the EMA
              update if any, the progress bar and the windowed loss read-back
@@ -56,9 +56,11 @@ class StepClock:
     @contextmanager
     def attach(self, trainer: Any) -> Iterator[StepClock]:
         """Time the parts of `trainer` (a bench_steps.LeanTrainer) until the block ends; restores every method."""
+        import train.step
+
         accelerator, optimizer = trainer.accelerator, trainer.optimizer
         patched = [(trainer, "next_batch", "data"), (trainer.objective, "loss", "forward"),
-                   (accelerator, "backward", "backward"), (accelerator, "clip_grad_norm_", "optimizer"),
+                   (accelerator, "backward", "backward"), (train.step, "clip_gradients", "optimizer"),
                    (optimizer, "step", "optimizer"), (optimizer, "zero_grad", "optimizer")]
         saved = []
         for owner, name, part in patched:

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 
+from .clip import clip_gradients
 from .guard import StepGuard
 from .loader import KEYS
 from .lora import ema_parameters
@@ -36,7 +37,8 @@ def train_step(accelerator: Accelerator, module: torch.nn.Module, objective: Obj
 
     Under `accelerator.accumulate(module)`: the objective's loss on `batch` (a collated batch
     already on `accelerator.device`), backward, gradient clipping to `max_grad_norm` when the
-    gradients are synchronised (the last micro-batch of an optimisation step), then
+    gradients are synchronised (the last micro-batch of an optimisation step; train/clip.py: in
+    the fused AdamW kernel where it can), then
     `optimizer.step()`, `lr_scheduler.step()` and `optimizer.zero_grad()`; accelerate's prepared
     optimizer and scheduler skip their step on the other micro-batches. `module`, `optimizer` and
     `lr_scheduler` are the ones `accelerator.prepare` returned. Whether this call completed an
@@ -52,7 +54,7 @@ def train_step(accelerator: Accelerator, module: torch.nn.Module, objective: Obj
         loss = accelerator.gather(loss.detach()).mean()  # scalar, the same on every process
         grad_norm = None
         if accelerator.sync_gradients:
-            grad_norm = accelerator.clip_grad_norm_(module.parameters(), max_grad_norm)
+            grad_norm = clip_gradients(accelerator, module.parameters(), optimizer, max_grad_norm)
         update = True
         if guard is not None:
             guard.micro_batch(loss, batch.get(KEYS))
