@@ -41,11 +41,18 @@ def main() -> None:
     parser.add_argument("prompt", help="text prompt")
     parser.add_argument("--prior", help="prior pipeline folder to use instead of the one the decoder's card names")
     parser.add_argument("--out", default="generated.png", help="PNG file to write")
-    parser.add_argument("--size", type=int, default=64, help="height and width in pixels (multiple of 64)")
+    parser.add_argument("--size", type=int, default=64,
+                        help="height and width in pixels: a multiple of the MoVQ's tile (64 for Kandinsky 2.2)")
     parser.add_argument("--steps", type=int, default=25, help="decoder inference steps")
-    parser.add_argument("--prior_steps", type=int, default=25, help="prior inference steps")
+    parser.add_argument("--prior_steps", type=int, default=25, help="prior inference steps (at least 2)")
     parser.add_argument("--seed", type=int, default=0, help="generator seed")
     args = parser.parse_args()
+    if args.size <= 0:
+        parser.error(f"--size {args.size}: must be a positive number of pixels")
+    if args.steps < 1:
+        parser.error(f"--steps {args.steps}: the decoder needs at least 1 inference step")
+    if args.prior_steps < 2:  # diffusers' UnCLIPScheduler spaces its timesteps by (T - 1) / (steps - 1)
+        parser.error(f"--prior_steps {args.prior_steps}: the prior's UnCLIP scheduler needs at least 2 steps")
 
     from diffusers import AutoPipelineForText2Image, KandinskyV22PriorPipeline
     from huggingface_hub import ModelCard
@@ -60,6 +67,10 @@ def main() -> None:
         adapters.append(f"prior LoRA from {prior_folder}")
     if load_adapter(pipe.unet, args.decoder):
         adapters.append(f"decoder LoRA from {args.decoder}")
+    tile = pipe.decoder_pipe.movq_scale_factor ** 2  # diffusers rounds height and width up to a multiple of it
+    if args.size % tile:
+        parser.error(f"--size {args.size}: this decoder makes images in multiples of {tile} pixels; use "
+                     f"{max(tile, args.size // tile * tile)} or {-(-args.size // tile) * tile}")
     pipe.set_progress_bar_config(disable=True)
     image = pipe(args.prompt, height=args.size, width=args.size, num_inference_steps=args.steps,
                  prior_num_inference_steps=args.prior_steps,
