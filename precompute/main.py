@@ -9,6 +9,7 @@ cache's units. Every refusal is one line, before any encoding.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import time
@@ -31,6 +32,8 @@ from .pipeline import Packer, Stopped, encode_all  # noqa: E402
 from .units import build_stream  # noqa: E402
 from .writer import CacheWriter  # noqa: E402
 
+logger = logging.getLogger(__name__)
+
 
 class UsageError(Exception):
     """A problem found before any work: printed as one line, exit code 2."""
@@ -48,6 +51,9 @@ def check_output(config: PrecomputeConfig) -> None:
         fs.rm(probe)
     except Exception as exc:  # noqa: BLE001 - any failure here means "cannot write there"
         raise UsageError(f"--output_dir {config.output_dir!r} is not writable: {type(exc).__name__}: {exc}") from None
+    if "memory" in fs.protocol:  # fsspec's in-memory filesystem: for tests within one process
+        logger.warning("--output_dir %s: fsspec's memory:// filesystem lives inside this process only; the cache "
+                       "is gone when it exits (use a local folder or object storage)", config.output_dir)
 
 
 def load_models(config: PrecomputeConfig, device: torch.device) -> enc.Encoders:

@@ -246,7 +246,7 @@ def test_encode_prior_loads_no_movq_and_omits_latents(tiny_models, sample_data, 
     assert members == {fmt.CAPTIONS, fmt.TEXT_EMBEDS, fmt.TEXT_HIDDEN, fmt.TEXT_LENGTHS, fmt.IMAGE_EMBEDS, fmt.META}
 
 
-def test_object_storage_input_and_output_through_fsspec(tiny_models, sample_data):
+def test_object_storage_input_and_output_through_fsspec(tiny_models, sample_data, caplog):
     """Any fsspec URL works as --input_shards and --output_dir (memory:// here; s3:// with the s3 extra).
 
     Input tars are opened with fsspec.open, as training opens shards: webdataset's global
@@ -266,6 +266,7 @@ def test_object_storage_input_and_output_through_fsspec(tiny_models, sample_data
     assert run_precompute(tiny_models, url, "--samples_per_shard", "8",
                           source=["--input_shards", f"memory://kandinsky-input-test/{first.name}"]) == 0
     assert wds.gopen_schemes == schemes and "memory" not in wds.gopen_schemes
+    assert "memory:// filesystem lives inside this process only" in caplog.text  # said, not silent
     manifest = reader.read_manifest(url)
     urls = reader.shard_urls(manifest, url)
     assert len(urls) == 2 and all(u.startswith("memory://") for u in urls)

@@ -43,12 +43,13 @@ def uploads(monkeypatch) -> list[str]:
 
 
 def test_a_url_output_dir_is_published_there_and_nowhere_else(train_prior, tiny_cache, tmp_path, memory_url,
-                                                            monkeypatch):
+                                                            monkeypatch, caplog):
     monkeypatch.chdir(tmp_path)  # a relative folder named "memory:" would appear here
     staging = tmp_path / "staging"
     done = uploads(monkeypatch)
     summary = train_prior(memory_url, tiny_cache, *FLAGS, "--local_staging_dir", str(staging))
     assert summary["output_dir"] == memory_url and os.listdir(tmp_path) == []  # the staging folder is gone too
+    assert "memory:// filesystem lives inside this process only" in caplog.text  # said: it vanishes at exit
     fs, root = fsspec.core.url_to_fs(memory_url)
     published = {path.removeprefix(root + "/") for path in fs.find(root)}
     assert {"model_index.json", "prior/diffusion_pytorch_model.safetensors", "losses.jsonl", "loss_curve.png",

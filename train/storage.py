@@ -44,6 +44,7 @@ from .loss_log import LOSS_LOG
 logger = logging.getLogger(__name__)
 
 STAGING_MARK = ".kandinsky-train-staging"  # in every staging directory: only such a directory is ever emptied
+IN_PROCESS = "memory://"  # fsspec's in-memory filesystem: for tests within one process, never a real output
 RESUMED = ".resumed"  # staging subfolder for a checkpoint of another run's URL
 
 
@@ -63,6 +64,10 @@ def stage_output(config) -> None:
         config.output_dir = config.output_dir.removeprefix("file://")
     elif is_url(config.output_dir) and config.output_url is None:
         config.output_url = config.output_dir.rstrip("/")
+        if config.output_url.startswith(IN_PROCESS):
+            logger.warning("--output_dir %s: fsspec's memory:// filesystem lives inside this process only; what the "
+                           "run publishes there is gone when it exits (use a local folder or object storage)",
+                           config.output_url)
         digest = hashlib.sha256(config.output_url.encode()).hexdigest()[:12]
         config.output_dir = config.local_staging_dir or os.path.join(tempfile.gettempdir(), f"kandinsky-train-{digest}")
 
