@@ -10,7 +10,9 @@ bound of `SIGMAS` standard errors, finite-population corrected: no margin when t
 whole input. Shards add their end-of-archive blocks (`END_BLOCKS`). Exact: the planned units and,
 for a folder or input tars, the bytes read (file sizes). FLOPs per image come from the encoders'
 configs on the meta device, the time from one block of each calibrated here or from a named GPU
-(precompute/cost.py).
+(precompute/cost.py). Where --output_dir already holds a cache, the time counts only what the job
+will encode (resume, --update's copies: precompute/dry_run_cache.py); read and write figures stay
+those of the whole cache.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from . import cost
 from . import encode as enc
 from . import format as fmt
 from .config import PrecomputeConfig
+from .dry_run_cache import existing_cache
 from .images import BadImage
 from .inputs import BadCaption
 from .plan import Plan, id_hash, make_plan
@@ -262,7 +265,10 @@ def estimate(config: PrecomputeConfig, options: cost.DryRunOptions) -> dict:
         seconds = sum(per_image[name] / rates[name] for name in per_image)
         how = (f"one block of each encoder timed here ({device.type}, {str(dtype).removeprefix('torch.')}): "
                + ", ".join(f"{name} {rates[name] / 1e9:.1f} GFLOP/s" for name in rates))
-    return {"kind": plan.kind, "units": units, "images": images, "records": records, "shards": shards,
+    cache = existing_cache(config, plan)  # a cache already at --output_dir: resume, refuse or --update
+    if cache is not None:
+        seconds *= cache.encode_fraction
+    return {"cache": cache, "kind": plan.kind, "units": units, "images": images, "records": records, "shards": shards,
             "read_bytes": read if read is not None else Bound.of(*total[5]), "read_exact": read is not None,
             "shard_bytes": shard_bytes, "index_bytes": index_bytes, "sampled": int(table[:, 0].sum()),
             "sampled_skipped": int(table[:, 0].sum() - table[:, 1].sum()), "captions_per_image": captions,
@@ -293,12 +299,15 @@ def report(figures: dict, config: PrecomputeConfig) -> list[str]:
         + f" per image = {sum(flops.values()) / 1e9:.3g} GFLOP per image (forward passes, as counted by "
         "torch.utils.flop_counter)",
         f"  time:    ~{cost.human_seconds(f['seconds'])} of encoder forward passes for one process "
-        f"(divide by the number of processes), at {f['rate']}",
-    ]
+        f"(divide by the number of processes), at {f['rate']}"
+        + ("" if f["cache"] is None else f"; only what this job encodes ({100 * f['cache'].encode_fraction:.0f}% "
+           "of a fresh run's)"),
+    ] + ([] if f["cache"] is None else [f["cache"].line(config.output_dir)])
 
 
 def main(config: PrecomputeConfig, options: cost.DryRunOptions) -> int:
-    """Print the estimate; exit code 0."""
-    for line in report(estimate(config, options), config):
+    """Print the estimate; exit code 0, or 2 where the job itself would refuse the output directory."""
+    figures = estimate(config, options)
+    for line in report(figures, config):
         print(line)
-    return 0
+    return 2 if figures["cache"] is not None and figures["cache"].refusal is not None else 0

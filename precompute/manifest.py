@@ -77,6 +77,24 @@ def run_fingerprint(config: PrecomputeConfig, identities: dict[str, fmt.EncoderI
     return {"format": fmt.FORMAT, "version": fmt.VERSION, "settings": settings, "encoders": encoders}
 
 
+def compare_run(config: PrecomputeConfig, existing: dict | None, fingerprint: dict, has_manifest: bool
+                ) -> tuple[list[str], bool, list[str], str | None]:
+    """(differing fields, foreign cache, moved input fields, the one-line refusal or None) of a directory's run
+    record `existing` (None: none) against this job's `fingerprint` (only the keys it has are compared)."""
+    foreign = existing is None and has_manifest
+    differs = _differences({k: existing.get(k) for k in fingerprint}, fingerprint) if existing is not None else []
+    moved = [d for d in differs if d.removeprefix("settings.") in INPUT_LOCATION]
+    if config.update:
+        differs = [d for d in differs if d not in moved]
+    problem = None
+    if (differs or foreign) and not config.overwrite:
+        what = ", ".join(differs[:6]) if differs else "a cache without run record"
+        hint = " (--update accepts a new input location)" if differs == moved else ""
+        problem = (f"{config.output_dir} already holds a cache made with other settings ({what}){hint}; "
+                   "use another --output_dir or pass --overwrite to replace it")
+    return differs, foreign, moved, problem
+
+
 def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
     keys = sorted(set(old) | set(new))
     out = []
@@ -117,16 +135,10 @@ def check_or_record_run(config: PrecomputeConfig, identities: dict[str, fmt.Enco
         except OSError as exc:
             raise ValueError(f"cannot create --output_dir {config.output_dir!r}: {exc}") from None
         existing = json.loads(fs.cat_file(run_path)) if fs.exists(run_path) else None
-        foreign = existing is None and fs.exists(posixpath.join(root, fmt.MANIFEST_NAME))
-        differs = _differences(existing, fingerprint) if existing is not None else []
-        moved = [d for d in differs if d.removeprefix("settings.") in INPUT_LOCATION]
-        if config.update:
-            differs = [d for d in differs if d not in moved]
-        if (differs or foreign) and not config.overwrite:
-            what = ", ".join(differs[:6]) if differs else "a cache without run record"
-            hint = " (--update accepts a new input location)" if differs == moved else ""
-            raise ValueError(f"{config.output_dir} already holds a cache made with other settings ({what}){hint}; "
-                             "use another --output_dir or pass --overwrite to replace it")
+        differs, foreign, moved, problem = compare_run(config, existing, fingerprint,
+                                                       fs.exists(posixpath.join(root, fmt.MANIFEST_NAME)))
+        if problem:
+            raise ValueError(problem)
         if differs or foreign:
             wipe(fs, root)
         if existing is None or differs or foreign or moved:
