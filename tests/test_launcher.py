@@ -4,11 +4,11 @@
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import run_group
 
 from precompute.cli import main as precompute_main
 from precompute.launcher import lone_process_problem
@@ -55,11 +55,11 @@ def test_accelerates_simple_launcher_is_refused(tmp_path):
     precompute refuses before importing torch; train's check is the same function (above), after its imports."""
     accelerate = Path(sys.executable).with_name("accelerate")
     env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "MASTER_ADDR", "MASTER_PORT")}
-    result = subprocess.run([str(accelerate), "launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
+    result = run_group([str(accelerate), "launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
                              "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "precompute",
                              "--train_data_dir", str(tmp_path / "data"),
                              "--output_dir", str(tmp_path / "out")],
-                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False)
+                       cwd=ROOT, env=env, timeout=300)
     assert result.returncode != 0
     errors = [line for line in result.stderr.splitlines() if ": error: " in line]
     assert len(errors) == 1 and "a launcher asked for several processes" in errors[0], result.stderr[-2000:]

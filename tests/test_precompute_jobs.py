@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import plain_shards, read_cache, run_precompute
+from conftest import plain_shards, read_cache, run_group, run_precompute
 from PIL import Image
 
 from precompute import format as fmt
@@ -199,9 +199,8 @@ def test_two_processes_split_the_units_and_rank0_merges(tiny_models, sample_data
            "--pretrained_prior_model_name_or_path", str(prior_dir), "--pretrained_decoder_model_name_or_path",
            str(decoder_dir), "--input_shards", sample_data["shard_pattern"], "--output_dir", str(out),
            "--resolution", "64", "--num_workers", "0", "--samples_per_shard", "16", "--holdout_samples", "4"]
-    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-                                 "OMP_NUM_THREADS": "1"})
+    result = run_group(cmd, timeout=300, cwd=ROOT,
+                       env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-2000:]
     ranks = {json.loads(p.read_text())["unit"]: json.loads(p.read_text())["rank"]
              for p in (out / "_progress").glob("unit-*.json")}

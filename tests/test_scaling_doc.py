@@ -16,6 +16,7 @@ from pathlib import Path
 
 import fsspec
 import pytest
+from conftest import run_group
 
 from precompute import reader
 from precompute.config import parse_args as parse_precompute
@@ -117,7 +118,7 @@ def test_every_command_of_the_doc_parses(tmp_path):
     flags = [shlex.split(line)[1:] for line in usage]
     for line in usage:  # what the doc's sbatch lines hand to srun, expanded by bash
         name, *job_flags = shlex.split(line)
-        subprocess.run(["bash", str(tmp_path / name), *job_flags], env=env, check=True, timeout=60)
+        assert run_group(["bash", str(tmp_path / name), *job_flags], env=env, timeout=60).returncode == 0
     recorded = [json.loads(line) for line in (tmp_path / "nodes" / "srun.jsonl").read_text().splitlines()]
     assert [check_command(argv) for argv in recorded] == ["precompute", "train prior"]
     assert all(f"127.0.0.1:{env['RDZV_PORT']}" in argv for argv in recorded)
@@ -125,8 +126,7 @@ def test_every_command_of_the_doc_parses(tmp_path):
 
 
 def run_script(tmp_path: Path, env: dict, name: str, *flags: str) -> subprocess.CompletedProcess:
-    result = subprocess.run(["bash", str(tmp_path / name), *flags], cwd=tmp_path, env=env, capture_output=True,
-                            text=True, timeout=600, check=False)
+    result = run_group(["bash", str(tmp_path / name), *flags], cwd=tmp_path, env=env, timeout=600)
     (tmp_path / f"{name}.log").write_text(result.stdout + result.stderr)
     assert result.returncode == 0, result.stderr[-4000:]
     return result

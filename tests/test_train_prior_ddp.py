@@ -8,7 +8,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 from collections import Counter
@@ -16,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import run_group
 from damage import copy_cache, damage_record, edit_array, first_train_shard
 
 from precompute import format as fmt
@@ -38,14 +38,7 @@ def torchrun(tiny_models, cache: Path | str, out: Path, *flags: str, ok: bool = 
                "--output_dir", str(out), "--seed", "0", "--report_to", "none", "--lr_warmup_steps", "0",
                "--train_batch_size", "4", "--max_train_steps", str(STEPS), "--checkpointing_steps", "5",
                "--validation_steps", "0", "--use_ema", "--text_dropout", "0.2", "--shuffle_buffer", "8", *flags]
-    with subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                          start_new_session=True) as proc:  # its own process group: torchrun and its workers
-        try:
-            stdout, stderr = proc.communicate(timeout=300)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)  # no worker left running after the test (a timeout kills only torchrun)
-            raise
-    result = subprocess.CompletedProcess(command, proc.returncode, stdout, stderr)
+    result = run_group(command, timeout=300, cwd=ROOT, env=env)  # a timeout kills torchrun and its workers
     assert (result.returncode == 0) == ok, result.stderr[-3000:]
     return result
 
