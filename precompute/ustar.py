@@ -1,8 +1,8 @@
 """A fast path for reading a record's tar members: plain POSIX ustar headers only, `tarfile` for the rest.
 
-Python's `tarfile` parses every header field of every member in Python (about 150 us per
-prior record of seven members: half the trainer's data time at batch 4, about 2% of a CPU
-step). The records a trainer reads were written by precompute (tarfile's own writer, through
+Python's `tarfile` parses every header field of every member in Python (247 us per prior
+record of seven members on the benchmark machine, against 39 us here: half the trainer's data
+time at batch 4, about 2% of a CPU step; docs/benchmarks.md). The records a trainer reads were written by precompute (tarfile's own writer, through
 webdataset) and have passed their sha256 check before they are parsed, so nearly all of them have
 the one plain form handled here: regular files with short ASCII names, octal numeric fields,
 no extension headers. `plain_members` reads that form directly and returns None for anything
@@ -10,10 +10,11 @@ else, and `shard_index.parse_record` then gives the record to `tarfile` as befor
 
 Why the result is tarfile's, member for member. `plain_members` accepts a record only when every
 512-byte block it meets is a header that `tarfile` parses the same way, and returns None otherwise:
-- the header's checksum field is octal digits followed by a NUL (what tarfile's `nti` reads as
-  that number; no digits at all read as 0) and equals the unsigned sum tarfile computes (`calc_chksums`); the mode, uid, gid,
-  size, mtime, devmajor and devminor fields are octal digits followed by a NUL, so tarfile's `nti`
-  succeeds on each (a field it could not parse makes tarfile stop reading the record, silently);
+- the header's checksum field is octal digits followed by a NUL within the field (what tarfile's
+  `nti` reads as that number; no digits at all read as 0) and equals the unsigned sum tarfile
+  computes (`calc_chksums`); the mode, uid, gid, size, mtime, devmajor and devminor fields have
+  the same form, so tarfile's `nti` succeeds on each (a field it could not parse makes tarfile
+  stop reading the record, silently);
 - the type flag is `0` (REGTYPE): tarfile reads such a member's data as the `size` bytes after
   its header and the next header at the next 512-byte boundary, and no extension header (pax,
   GNU long name) or V7 directory rule applies;
