@@ -300,8 +300,8 @@ def report(figures: dict, config: PrecomputeConfig) -> list[str]:
         "torch.utils.flop_counter)",
         f"  time:    ~{cost.human_seconds(f['seconds'])} of encoder forward passes for one process "
         f"(divide by the number of processes), at {f['rate']}"
-        + ("" if f["cache"] is None else f"; only what this job encodes ({100 * f['cache'].encode_fraction:.0f}% "
-           "of a fresh run's)"),
+        + ("" if f["cache"] is None else f"; only what this job encodes ({'at most ' * (f['cache'].inputs is None)}"
+           f"{100 * f['cache'].encode_fraction:.0f}% of a fresh run's)"),
     ] + ([] if f["cache"] is None else [f["cache"].line(config.output_dir)])
 
 

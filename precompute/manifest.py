@@ -77,6 +77,23 @@ def run_fingerprint(config: PrecomputeConfig, identities: dict[str, fmt.EncoderI
     return {"format": fmt.FORMAT, "version": fmt.VERSION, "settings": settings, "encoders": encoders}
 
 
+def read_run_record(fs, path: str, output_dir: str, overwrite: bool = False) -> dict | None:
+    """The directory's run record (None: none); one that cannot be read is ValueError naming the file, or under
+    --overwrite an empty record (every setting differs: the cache is replaced)."""
+    if not fs.exists(path):
+        return None
+    try:
+        record = json.loads(fs.cat_file(path))
+        if not isinstance(record, dict):
+            raise ValueError("not a JSON object")
+        return record
+    except ValueError as exc:
+        if overwrite:
+            return {}
+        raise ValueError(f"{output_dir}: its run record {RUN_FILE} is unreadable ({exc}); pass --overwrite to "
+                         "start over, or use another --output_dir") from None
+
+
 def compare_run(config: PrecomputeConfig, existing: dict | None, fingerprint: dict, has_manifest: bool
                 ) -> tuple[list[str], bool, list[str], str | None]:
     """(differing fields, foreign cache, moved input fields, the one-line refusal or None) of a directory's run
@@ -89,7 +106,7 @@ def compare_run(config: PrecomputeConfig, existing: dict | None, fingerprint: di
     problem = None
     if (differs or foreign) and not config.overwrite:
         what = ", ".join(differs[:6]) if differs else "a cache without run record"
-        hint = " (--update accepts a new input location)" if differs == moved else ""
+        hint = " (--update accepts a new input location)" if differs and differs == moved else ""
         problem = (f"{config.output_dir} already holds a cache made with other settings ({what}){hint}; "
                    "use another --output_dir or pass --overwrite to replace it")
     return differs, foreign, moved, problem
@@ -134,7 +151,7 @@ def check_or_record_run(config: PrecomputeConfig, identities: dict[str, fmt.Enco
             fs.makedirs(posixpath.join(root, PROGRESS_DIR), exist_ok=True)
         except OSError as exc:
             raise ValueError(f"cannot create --output_dir {config.output_dir!r}: {exc}") from None
-        existing = json.loads(fs.cat_file(run_path)) if fs.exists(run_path) else None
+        existing = read_run_record(fs, run_path, config.output_dir, config.overwrite)
         differs, foreign, moved, problem = compare_run(config, existing, fingerprint,
                                                        fs.exists(posixpath.join(root, fmt.MANIFEST_NAME)))
         if problem:

@@ -113,6 +113,9 @@ def test_edited_caption_and_added_images_are_refused_then_updated(tiny_models, s
     assert code == 2 and "the job would refuse" in line and "1 changed, 2 added, 0 removed images" in line
     code, line = dry_run(tiny_models, cache, capsys, "--update", source=source)  # and what --update encodes
     assert code == 0 and "the job encodes 3 inputs" in line and "copied from the old cache" in line
+    assert "encoder weights not compared" in line
+    code, line = dry_run(tiny_models, cache, capsys, "--overwrite", source=source)
+    assert code == 0 and "deletes first (--overwrite: the input changed)" in line
 
     code, printed = run(tiny_models, cache, capsys, source=source)
     assert code == 2 and "1 changed, 2 added, 0 removed images" in printed and "--update" in printed
@@ -121,6 +124,7 @@ def test_edited_caption_and_added_images_are_refused_then_updated(tiny_models, s
     code, printed = run(tiny_models, cache, capsys, "--update", source=source)
     assert code == 0 and counts(printed)[0] == 3
     assert "the job encodes 0 inputs" in dry_run(tiny_models, cache, capsys, source=source)[1]  # up to date
+    assert "the job encodes 0 inputs" in dry_run(tiny_models, cache, capsys, "--overwrite", source=source)[1]
     fresh = tmp_path / "fresh"
     assert run(tiny_models, fresh, capsys, source=source)[0] == 0
     changed = {rows[7]["file_name"], *(f"{k}.jpg" for k in sample_data["keys"][20:22])}
@@ -139,6 +143,11 @@ def test_edited_caption_and_added_images_are_refused_then_updated(tiny_models, s
     assert not list(cache.glob("*.tmp-*")) and len(list((cache / "_progress").glob("unit-*.json"))) == (
         json.loads((cache / fmt.MANIFEST_NAME).read_text())["catalog"]["units"])  # the old units are gone
     assert len(list(cache.glob("units-*.jsonl"))) == 1  # and the old catalog
+
+    (cache / "_progress" / "run.json").write_text("{oops")  # a damaged run record is named, not a bare JSON error
+    for flags in ((), ("--dry_run", "--dry_run_gpu", "H100")):
+        code, printed = run(tiny_models, cache, capsys, *flags, source=source)
+        assert code == 2 and "its run record _progress/run.json is unreadable" in printed
 
 
 def test_a_glob_that_now_matches_a_tar_sorting_first_is_refused_then_updated(tiny_models, sample_data, tmp_path,
