@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 import torch
 
@@ -33,6 +34,19 @@ def card_prior(model_card, decoder: str) -> str | None:
     if not os.path.exists(card):
         return None
     return (model_card.load(card).data.to_dict().get("prior") or [None])[0]
+
+
+def first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def load(parser: argparse.ArgumentParser, pipeline_class, where: str, what: str, **components):
+    """`pipeline_class.from_pretrained(where)`; a folder that is missing or not a pipeline is one parser error."""
+    try:
+        return pipeline_class.from_pretrained(where, **components)
+    except (OSError, ValueError) as exc:  # a missing folder, not a pipeline, or a hub id that cannot be fetched
+        parser.error(f"{what} {where}: cannot load a pipeline from it: {first_line(exc)}")
 
 
 def main() -> None:
@@ -60,21 +74,26 @@ def main() -> None:
     components, adapters = {}, []
     prior_folder = args.prior or card_prior(ModelCard, args.decoder)
     if args.prior:
-        prior = KandinskyV22PriorPipeline.from_pretrained(args.prior)
+        prior = load(parser, KandinskyV22PriorPipeline, args.prior, "--prior")
         components = {f"prior_{name}": module for name, module in prior.components.items()}
-    pipe = AutoPipelineForText2Image.from_pretrained(args.decoder, **components)
+    pipe = load(parser, AutoPipelineForText2Image, args.decoder, "decoder", **components)
     if prior_folder and load_adapter(pipe.prior_prior, prior_folder):
         adapters.append(f"prior LoRA from {prior_folder}")
     if load_adapter(pipe.unet, args.decoder):
         adapters.append(f"decoder LoRA from {args.decoder}")
     tile = pipe.decoder_pipe.movq_scale_factor ** 2  # diffusers rounds height and width up to a multiple of it
     if args.size % tile:
+        nearest = sorted({max(tile, args.size // tile * tile), -(-args.size // tile) * tile})
         parser.error(f"--size {args.size}: this decoder makes images in multiples of {tile} pixels; use "
-                     f"{max(tile, args.size // tile * tile)} or {-(-args.size // tile) * tile}")
+                     + " or ".join(map(str, nearest)))
     pipe.set_progress_bar_config(disable=True)
-    image = pipe(args.prompt, height=args.size, width=args.size, num_inference_steps=args.steps,
-                 prior_num_inference_steps=args.prior_steps,
-                 generator=torch.Generator().manual_seed(args.seed)).images[0]
+    try:
+        image = pipe(args.prompt, height=args.size, width=args.size, num_inference_steps=args.steps,
+                     prior_num_inference_steps=args.prior_steps,
+                     generator=torch.Generator().manual_seed(args.seed)).images[0]
+    except (RuntimeError, MemoryError) as exc:  # e.g. an allocation a --size this large needs
+        sys.exit(f"generate.py: error: generating a {args.size}x{args.size} image failed: {first_line(exc)} "
+                 "(a smaller --size needs less memory)")
     image.save(args.out)
     print(f"{type(pipe).__name__}{' + ' + ', '.join(adapters) if adapters else ''}: '{args.prompt}' -> {args.out} "
           f"({image.size[0]}x{image.size[1]})")

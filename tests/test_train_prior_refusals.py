@@ -123,3 +123,10 @@ def test_8bit_adam_without_bitsandbytes_is_a_clear_refusal(train_prior, tiny_cac
 def test_unknown_validation_prompt_is_refused(train_prior, tiny_cache, tmp_path):
     with pytest.raises(Refused, match="were not encoded by precompute"):
         train_prior(tmp_path / "out", tiny_cache, *QUICK, "--validation_steps", "1", "--validation_prompts", "a cat")
+
+
+@pytest.mark.parametrize("value", ["0", "-1"])
+def test_a_gradient_norm_that_is_not_positive_is_refused(value):
+    """0 would zero every gradient and a negative norm reverse them: both trained silently before."""
+    with pytest.raises(ValueError, match="--max_grad_norm must be positive"):
+        parse_config(PriorTrainConfig, ["--shards", "cache", "--max_grad_norm", value])

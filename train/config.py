@@ -110,7 +110,7 @@ class TrainConfig:
     adam_beta2: float = field(default=0.999, metadata={"help": "AdamW beta2."})
     adam_weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
     adam_epsilon: float = field(default=1e-08, metadata={"help": "AdamW epsilon."})
-    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm."})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm (positive)."})
     mixed_precision: Optional[Literal["no", "fp16", "bf16"]] = field(
         default=None,
         metadata={"help": "Autocast dtype for the forward pass (weights stay fp32). Default: the accelerate config "
@@ -274,6 +274,8 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"--{name} must be positive")
+        if not self.max_grad_norm > 0:  # 0 zeroes every gradient, a negative norm reverses them
+            raise ValueError("--max_grad_norm must be positive (the reference scripts clip at 1.0)")
         if self.max_train_steps is not None and self.max_train_steps <= 0:
             raise ValueError("--max_train_steps must be positive")
         if self.checkpoints_total_limit is not None and self.checkpoints_total_limit <= 0:
